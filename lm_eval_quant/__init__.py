@@ -1,0 +1,40 @@
+"""lm-eval-quant: evaluate any causal LM quantized on the fly inside lm-evaluation-harness.
+
+Layers (lower never imports higher): ``formats`` → ``methods`` / ``accounting`` →
+``models`` (the ``hf-quant`` lm-eval model), ``cache``, ``export`` → ``sweep`` / ``report`` → ``cli``.
+Importing this package is cheap: nothing heavy (torch, lm_eval) is imported here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register the ``hf-quant`` model with lm-eval's registry.
+
+    lm-eval 0.4.13 loads its built-in models only while the registry is empty, so the built-ins
+    are imported first (``lm_eval.models``) and ours is added after them: ``--model hf`` keeps
+    working. Idempotent.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import lm_eval.models  # noqa: F401  (built-in models register here)
+
+    from lm_eval_quant.models import hf_quant  # noqa: F401  (@register_model("hf-quant"))
+
+    _REGISTERED = True
+
+
+def task_dir() -> Path:
+    """Folder of the task YAMLs shipped with the package (wheel) or beside it (checkout)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "task_configs"
+    if packaged.is_dir():
+        return packaged
+    return here.parent / "task_configs"

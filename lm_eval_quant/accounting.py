@@ -1,0 +1,79 @@
+"""Bit accounting: what a quantized model really costs in memory.
+
+For each quantized weight matrix: k bits per weight plus the per-block statistics (an fp16 scale,
+and an fp16 zero point for asymmetric int) — 4-bit, groups of 128, scale + zero = 4 + 32/128 =
+4.25 bits per weight. Everything left unquantized (embeddings, the output head, norms, biases)
+counts at its real dtype. These are the figures 2212.09720 and 2405.03146 plot against.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import __version__
+from .formats import make_format
+from .methods.base import QuantConfig, weight_matrix
+
+
+def dtype_bits(dtype) -> int:
+    return dtype.itemsize * 8
+
+
+def _modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    return dict(model.named_modules())
+
+
+def account(
+    model: nn.Module,
+    cfg: QuantConfig,
+    quantized: list[str] | None = None,
+    extra_bits: dict[str, int] | None = None,
+) -> dict:
+    """Accounting for a fake-quantized model.
+
+    quantized: names of the modules whose weight was quantized with `cfg` (block = group size,
+    or the whole input row for group_size=-1). extra_bits: optional per-module extra storage in
+    bits (e.g. GPTQ's g_idx with act_order).
+    """
+    quantized = list(quantized or [])
+    mods = _modules_by_name(model)
+    seen: set[int] = set()
+    params_total = 0
+    total_bits = 0
+    params_q = 0
+    bits_q = 0
+    qweights = set()
+    fmt = None if cfg.is_baseline else make_format(cfg.format, cfg.bits, cfg.sym)
+    for name in quantized:
+        mod = mods[name]
+        w = mod.weight
+        qweights.add(id(w))
+        out_f, in_f = weight_matrix(mod).shape
+        block = in_f if cfg.group_size == -1 else cfg.group_size
+        n = out_f * in_f
+        b = n * cfg.bits + (n // block) * fmt.stat_bits
+        b += int((extra_bits or {}).get(name, 0))
+        params_q += n
+        bits_q += b
+    for p in model.parameters():  # unique tensors (tied weights once)
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        params_total += p.numel()
+        if id(p) not in qweights:
+            total_bits += p.numel() * dtype_bits(p.dtype)
+    total_bits += bits_q
+    info = {
+        "quant_config": cfg.to_dict(),
+        "params_total": params_total,
+        "params_quantized": params_q,
+        "fraction_quantized": (params_q / params_total) if params_total else 0.0,
+        "layers_quantized": len(quantized),
+        "bits_per_quantized_weight": (bits_q / params_q) if params_q else None,
+        "total_bits": total_bits,
+        "total_bytes": total_bits / 8,
+        "total_gb": total_bits / 8 / 1e9,
+        "bits_per_param": total_bits / params_total if params_total else None,
+        "lm_eval_quant_version": __version__,
+    }
+    return info

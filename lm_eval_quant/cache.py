@@ -1,0 +1,539 @@
+"""Quantized-weights cache: quantize a (model, config) once, reload it in every later evaluation.
+
+    report, hit = load_or_quantize(model, cfg, model_identity(pretrained, revision, model),
+                                   lambda: method.quantize(model, cfg, ctx),
+                                   cache_dir=None, enabled=True, calib=calibration_identity(cfg, tok))
+
+Key = sha256 of the canonical JSON of {model identity, cfg.to_dict() (options included), the
+calibration identity, lm_eval_quant.__version__, the model's dtype, the cache format version}.
+The model identity is the hub id + revision + resolved commit for hub models, and for a local
+folder the sha256 of every weight/config/tokenizer file's *contents* (cached per
+(path, size, mtime_ns, inode) in ``<cache_dir>/file_hashes.json``, so a 14 GB model is hashed
+once, and any rewrite of a file is noticed).
+
+Entry = ``<cache_dir>/entries/<key>/`` holding
+  ``tensors.safetensors``  the parameters in ``report.modified`` at the model's dtype (never pickle),
+                            plus a method's integer state (``qstate``) when it kept one;
+  ``manifest.json``         key fields, tensor names/shapes/dtypes, file size, a fast checksum,
+                            the sha256 of the tensors file, the report (modified, seconds, the
+                            JSON-able part of extra) and the creation time.
+
+Writes go to ``<cache_dir>/tmp/<key>.<pid>.<random>/`` and are published with one
+``os.rename`` of the folder, so a reader sees a complete entry or none (a process killed
+mid-write leaves only a tmp folder, swept on a later write). A per-key file lock
+(``<cache_dir>/locks/<key>.lock``, filelock) serialises writers and readers: when two processes
+quantize the same config at once, the second waits for the first and then loads its entry.
+
+Loads are verified: manifest key, file size, and a checksum over every byte of the tensors
+file (two wrapping 64-bit sums over 8-byte words, the second position-weighted; any changed,
+swapped or truncated byte range is detected; it runs at memory speed, ~30 ms per 400 MB, which
+is what keeps a hit within 1.1x of a plain load -- sha256 would cost ~0.3 s per 400 MB; set
+``LMQ_CACHE_VERIFY=sha256`` to check the sha256 too). A corrupt entry is reported in one warning
+line, deleted and recomputed. Tensors are memory-mapped from the verified file, not copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import secrets
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger("lm_eval_quant.cache")
+
+CACHE_FORMAT = 1
+_HASHED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".tiktoken", ".py")
+_QSTATE_PREFIX = "__qstate__."
+_PAUSE_ENV = "LMQ_CACHE_TEST_PAUSE_BEFORE_PUBLISH"  # tests only: seconds to sleep before the rename
+
+
+class CacheCorrupt(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# locations
+# ---------------------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    """``$LMQ_CACHE_DIR``, else the user cache dir: ``$XDG_CACHE_HOME/lm_eval_quant`` or
+    ``~/.cache/lm_eval_quant`` (Linux), ``~/Library/Caches/lm_eval_quant`` (macOS),
+    ``%LOCALAPPDATA%\\lm_eval_quant\\Cache`` (Windows)."""
+    env = os.environ.get("LMQ_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "lm_eval_quant" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "lm_eval_quant"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lm_eval_quant"
+
+
+# ---------------------------------------------------------------------------------------------
+# identities
+# ---------------------------------------------------------------------------------------------
+def _sha256_file(p: Path, progress=None) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while True:
+            b = f.read(1 << 24)
+            if not b:
+                break
+            h.update(b)
+            if progress is not None:
+                progress.update(len(b))
+    return h.hexdigest()
+
+
+def _hash_files(files: list[Path], side_file: Path | None) -> dict[str, str]:
+    """sha256 of each file's contents, memoised in `side_file` by (realpath, size, mtime_ns, ino)."""
+    from tqdm.auto import tqdm
+
+    memo: dict[str, str] = {}
+    if side_file is not None and side_file.exists():
+        try:
+            memo = json.loads(side_file.read_text())
+        except Exception:
+            memo = {}
+    out: dict[str, str] = {}
+    todo = []
+    for p in files:
+        st = p.stat()
+        mk = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        if mk in memo:
+            out[p.name] = memo[mk]
+        else:
+            todo.append((p, mk, st.st_size))
+    if todo:
+        total = sum(s for _, _, s in todo)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="hf-quant cache: hashing model files",
+                  disable=total < (256 << 20)) as bar:
+            for p, mk, _ in todo:
+                out[p.name] = memo[mk] = _sha256_file(p, bar)
+        if side_file is not None:
+            try:
+                side_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = side_file.with_name(f"{side_file.name}.{os.getpid()}.{secrets.token_hex(4)}")
+                tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
+                os.replace(tmp, side_file)
+            except OSError:
+                pass
+    return out
+
+
+def model_identity(pretrained: Any, revision: str | None = None, model: Any = None,
+                   cache_dir: str | os.PathLike | None = None) -> dict:
+    """What identifies the weights that were quantized.
+
+    Local folder → sha256 of each weight / config / tokenizer file there (memoised).
+    Hub id → {"hub": id, "revision": revision, "commit": resolved commit hash if known}.
+    An in-memory model object (no path) → a sha256 over its state_dict bytes.
+    """
+    if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).expanduser().is_dir():
+        d = Path(pretrained).expanduser().resolve()
+        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix in _HASHED_SUFFIXES)
+        side = Path(cache_dir or default_cache_dir()) / "file_hashes.json"
+        return {"local": True, "files": _hash_files(files, side)}
+    if isinstance(pretrained, str):
+        commit = None
+        if model is not None:
+            commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+        if commit is None:
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                p = try_to_load_from_cache(pretrained, "config.json", revision=revision)
+                if isinstance(p, str) and "/snapshots/" in p:
+                    commit = p.split("/snapshots/")[1].split("/")[0]
+            except Exception:
+                commit = None
+        return {"hub": pretrained, "revision": revision or "main", "commit": commit}
+    if model is not None:
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
+        return {"state_sha256": h.hexdigest()}
+    raise ValueError("model_identity needs a path, a hub id or a model")
+
+
+def calibration_identity(cfg, tokenizer=None) -> dict | None:
+    """The calibration inputs' identity for methods that use data (None for RTN): the calib
+    options (name/path, nsamples, seqlen, seed) already in cfg, plus the contents hash of a local
+    calibration file, the local data folder's named file, and the tokenizer's vocabulary size."""
+    try:
+        from .methods import get_method
+
+        m = get_method(cfg.method)
+    except Exception:
+        return None
+    if not getattr(m, "needs_calibration", False):
+        return None
+    opts = dict(cfg.options or {})
+    ident: dict[str, Any] = {"options": {k: opts[k] for k in sorted(opts) if "calib" in k or k in ("nsamples", "seqlen")}}
+    calib = opts.get("calib")
+    if isinstance(calib, str):
+        p = Path(calib).expanduser()
+        if p.is_file():
+            ident["file_sha256"] = _sha256_file(p)
+        else:
+            ident["data_dir"] = os.environ.get("LMQ_DATA_DIR")
+    if tokenizer is not None:
+        ident["tokenizer"] = {"name": getattr(tokenizer, "name_or_path", None),
+                              "vocab": len(tokenizer) if hasattr(tokenizer, "__len__") else None}
+    return ident
+
+
+def cache_key(identity: dict, cfg_dict: dict, calib: dict | None, dtype: str) -> tuple[str, dict]:
+    from . import __version__
+
+    fields = {"model": identity, "quant_config": cfg_dict, "calibration": calib,
+              "lm_eval_quant_version": __version__, "dtype": dtype, "cache_format": CACHE_FORMAT}
+    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest(), fields
+
+
+# ---------------------------------------------------------------------------------------------
+# checksum
+# ---------------------------------------------------------------------------------------------
+def fast_checksum(path: str | os.PathLike) -> str:
+    """Checksum over every byte of a file at memory speed.
+
+    The file is read as little-endian int64 words (a 0-7 byte tail separately); with chunk sums
+    c_j over 65,536 words, it returns (size, Σ words, Σ j·c_j, tail) with wrapping 64-bit sums.
+    A change confined to one word always changes Σ words; moved data changes the weighted sum.
+    """
+    import numpy as np
+    import torch
+
+    size = os.path.getsize(path)
+    n8 = size // 8
+    chunk = 1 << 16
+    s1 = s2 = 0
+    tail = b""
+    with open(path, "rb") as f:
+        if n8:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            try:
+                arr = np.frombuffer(mm, dtype="<i8", count=n8)
+                x = torch.from_numpy(arr)
+                full = n8 // chunk * chunk
+                parts = []
+                if full:
+                    parts.append(x[:full].view(-1, chunk).sum(dim=1))
+                if full < n8:
+                    parts.append(x[full:].sum().view(1))
+                c = torch.cat(parts)
+                s1 = int(c.sum())
+                s2 = int((c * torch.arange(1, c.numel() + 1, dtype=torch.int64)).sum())
+                del x, arr, c, parts
+            finally:
+                mm.close()
+        f.seek(n8 * 8)
+        tail = f.read()
+    mask = (1 << 64) - 1
+    return f"sum64:{size}:{s1 & mask:016x}:{s2 & mask:016x}:{tail.hex()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache
+# ---------------------------------------------------------------------------------------------
+def _dtype_name(model) -> str:
+    try:
+        return str(next(model.parameters()).dtype).replace("torch.", "")
+    except StopIteration:  # pragma: no cover
+        return "none"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    try:
+        import torch
+
+        if isinstance(v, torch.Tensor):
+            return v.item() if v.numel() == 1 else f"<tensor {tuple(v.shape)}>"
+    except Exception:  # pragma: no cover
+        pass
+    return str(v)
+
+
+class QuantCache:
+    """The on-disk store. Most callers want :func:`load_or_quantize`."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None):
+        self.root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+    def entry_dir(self, key: str) -> Path:
+        return self.root / "entries" / key
+
+    def lock(self, key: str):
+        from filelock import FileLock
+
+        d = self.root / "locks"
+        d.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(d / f"{key}.lock"))
+
+    # -- read -----------------------------------------------------------------------------------
+    def read(self, key: str) -> tuple[dict, dict]:
+        """(manifest, tensors) of a verified entry; FileNotFoundError if absent, CacheCorrupt if bad."""
+        from safetensors.torch import load_file
+
+        d = self.entry_dir(key)
+        mpath, tpath = d / "manifest.json", d / "tensors.safetensors"
+        if not d.exists():
+            raise FileNotFoundError(d)
+        try:
+            man = json.loads(mpath.read_text())
+        except Exception as e:
+            raise CacheCorrupt(f"unreadable manifest ({type(e).__name__})") from None
+        if man.get("key") != key or man.get("cache_format") != CACHE_FORMAT:
+            raise CacheCorrupt("manifest does not match its key")
+        try:
+            size = tpath.stat().st_size
+        except OSError:
+            raise CacheCorrupt("tensors file missing") from None
+        if size != man.get("file_size"):
+            raise CacheCorrupt(f"tensors file has {size} bytes, manifest says {man.get('file_size')}")
+        if fast_checksum(tpath) != man.get("checksum"):
+            raise CacheCorrupt("checksum mismatch")
+        if os.environ.get("LMQ_CACHE_VERIFY", "").lower() == "sha256" and _sha256_file(tpath) != man.get("sha256"):
+            raise CacheCorrupt("sha256 mismatch")
+        try:
+            tensors = load_file(str(tpath))
+        except Exception as e:
+            raise CacheCorrupt(f"unreadable tensors ({type(e).__name__})") from None
+        for name, meta in man.get("tensors", {}).items():
+            t = tensors.get(name)
+            if t is None or list(t.shape) != meta["shape"] or str(t.dtype).replace("torch.", "") != meta["dtype"]:
+                raise CacheCorrupt(f"tensor {name} missing or wrong shape/dtype")
+        return man, tensors
+
+    def discard(self, key: str) -> None:
+        d = self.entry_dir(key)
+        if d.exists():
+            trash = self.root / "tmp" / f"{key}.trash.{os.getpid()}.{secrets.token_hex(4)}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(d, trash)
+            except OSError:
+                trash = d
+            shutil.rmtree(trash, ignore_errors=True)
+
+    # -- write ----------------------------------------------------------------------------------
+    def write(self, key: str, fields: dict, tensors: dict, report_info: dict) -> Path:
+        """Publish an entry atomically (call with the key's lock held)."""
+        from safetensors.torch import save_file
+
+        tmproot = self.root / "tmp"
+        tmproot.mkdir(parents=True, exist_ok=True)
+        self._sweep_tmp(tmproot, key)
+        tmp = tmproot / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            tpath = tmp / "tensors.safetensors"
+            save_file(tensors, str(tpath), metadata={"lm_eval_quant_cache": str(CACHE_FORMAT)})
+            with open(tpath, "rb+") as f:
+                os.fsync(f.fileno())
+            man = {
+                "cache_format": CACHE_FORMAT,
+                "key": key,
+                "fields": fields,
+                "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
+                                "bytes": v.numel() * v.element_size()} for k, v in tensors.items()},
+                "file_size": tpath.stat().st_size,
+                "checksum": fast_checksum(tpath),
+                "sha256": _sha256_file(tpath),
+                "report": report_info,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "created_by_pid": os.getpid(),
+            }
+            mp = tmp / "manifest.json"
+            mp.write_text(json.dumps(man, indent=1, sort_keys=True, default=str))
+            with open(mp, "rb+") as f:
+                os.fsync(f.fileno())
+            pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
+            if pause > 0:  # test hook: a window to kill -9 the writer before publishing
+                time.sleep(pause)
+            final = self.entry_dir(key)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                self.discard(key)
+            os.rename(tmp, final)
+            return final
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def _sweep_tmp(tmproot: Path, key: str) -> None:
+        """Remove leftovers of writers of `key` that died (we hold the key's lock)."""
+        for p in tmproot.glob(f"{key}.*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the function the model wrapper calls
+# ---------------------------------------------------------------------------------------------
+def _split_extra(extra: dict) -> tuple[dict, dict]:
+    """(JSON-able extra without qstate, qstate tensors flattened for safetensors)."""
+    import torch
+
+    extra = dict(extra or {})
+    qstate = extra.pop("qstate", None) or {}
+    flat: dict[str, Any] = {}
+    qmeta: dict[str, dict] = {}
+    for lin, st in qstate.items():
+        qmeta[lin] = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                flat[f"{_QSTATE_PREFIX}{lin}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                qmeta[lin][k] = _jsonable(v)
+    return _jsonable(extra), {"tensors": flat, "meta": qmeta}
+
+
+def _join_qstate(tensors: dict, qmeta: dict) -> dict:
+    qstate: dict[str, dict] = {lin: dict(meta) for lin, meta in qmeta.items()}
+    for k, v in tensors.items():
+        if k.startswith(_QSTATE_PREFIX):
+            lin, field = k[len(_QSTATE_PREFIX):].rsplit(".", 1)
+            qstate.setdefault(lin, {})[field] = v
+    return qstate
+
+
+def _apply(model, man: dict, tensors: dict) -> None:
+    """Point the model's modified parameters at the cached tensors (no copy on CPU)."""
+    import torch
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    bufs = dict(model.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for name in man["report"]["modified"]:
+            t = tensors[name]
+            p = params.get(name)
+            if p is None and name in bufs:
+                bufs[name].copy_(t)
+                continue
+            if p is None:
+                raise CacheCorrupt(f"the model has no parameter {name}")
+            if tuple(p.shape) != tuple(t.shape) or p.dtype != t.dtype:
+                raise CacheCorrupt(f"{name}: cached {tuple(t.shape)} {t.dtype} vs model {tuple(p.shape)} {p.dtype}")
+            mod_name, _, attr = name.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            shared = [n for n, q in params.items() if q is p and n != name]
+            if shared:
+                # tied to another parameter the method did not change: give this one its own
+                new = torch.nn.Parameter(t.to(p.device), requires_grad=p.requires_grad)
+                setattr(mod, attr, new)
+            else:
+                p.data = t if p.device.type == "cpu" else t.to(p.device)
+
+
+def load_or_quantize(model, cfg, identity: dict, quantize_fn: Callable[[], Any],
+                     cache_dir: str | os.PathLike | None = None, enabled: bool = True,
+                     calib: dict | None = None) -> tuple[Any, bool]:
+    """Return (QuantReport, hit). On a hit the model's modified parameters are replaced by the
+    cached ones and `quantize_fn` is not called; on a miss `quantize_fn()` runs (it quantizes the
+    model in place and returns its QuantReport) and the result is stored. With
+    ``enabled=False`` this is just ``(quantize_fn(), False)``.
+
+    ``report.extra["cache"]`` says what happened: {"hit", "key", "dir"}.
+    """
+    if not enabled:
+        rep = quantize_fn()
+        _set_cache_info(rep, {"hit": False, "enabled": False})
+        return rep, False
+    store = QuantCache(cache_dir)
+    key, fields = cache_key(identity, cfg.to_dict(), calib, _dtype_name(model))
+    lock = store.lock(key)
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.warning("hf-quant cache: another process is quantizing this config; waiting for it (%s)", key[:12])
+        print(f"hf-quant cache: waiting for another process quantizing the same config ({key[:12]})",
+              file=sys.stderr)
+        lock.acquire()
+    try:
+        try:
+            man, tensors = store.read(key)
+            _apply(model, man, tensors)
+            rep = _report_from_manifest(man, tensors)
+            _set_cache_info(rep, {"hit": True, "key": key, "dir": str(store.entry_dir(key))})
+            return rep, True
+        except FileNotFoundError:
+            pass
+        except CacheCorrupt as e:
+            msg = f"hf-quant cache: entry {store.entry_dir(key)} is corrupt ({e}); discarding it and re-quantizing"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            logger.warning(msg)
+            store.discard(key)
+        rep = quantize_fn()
+        extra_json, q = _split_extra(getattr(rep, "extra", {}) or {})
+        sd = dict(model.named_parameters(remove_duplicate=False))
+        sd.update(dict(model.named_buffers(remove_duplicate=False)))
+        tensors = {}
+        for name in rep.modified:
+            tensors[name] = sd[name].detach().to("cpu").contiguous()
+        tensors.update(q["tensors"])
+        info = {"modified": list(rep.modified), "quantized": list(getattr(rep, "quantized", [])),
+                "seconds": float(getattr(rep, "seconds", 0.0)), "extra": extra_json,
+                "qstate_meta": q["meta"]}
+        try:
+            d = store.write(key, fields, _dedupe(tensors), info)
+            _set_cache_info(rep, {"hit": False, "key": key, "dir": str(d), "stored": True})
+        except OSError as e:
+            msg = f"hf-quant cache: could not store the quantized weights in {store.root} ({e}); continuing without cache"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            _set_cache_info(rep, {"hit": False, "key": key, "stored": False})
+        return rep, False
+    finally:
+        lock.release()
+
+
+def _dedupe(tensors: dict) -> dict:
+    """safetensors refuses tensors sharing memory: clone any that alias an earlier one."""
+    seen = set()
+    out = {}
+    for k, v in tensors.items():
+        ptr = (v.data_ptr(), v.numel(), v.dtype) if v.numel() else None
+        if ptr is not None and ptr in seen:
+            v = v.clone()
+        if ptr is not None:
+            seen.add(ptr)
+        out[k] = v
+    return out
+
+
+def _report_from_manifest(man: dict, tensors: dict):
+    from .methods.base import QuantReport
+
+    r = man["report"]
+    extra = dict(r.get("extra") or {})
+    qstate = _join_qstate(tensors, r.get("qstate_meta") or {})
+    if qstate:
+        extra["qstate"] = qstate
+    rep = QuantReport(quantized=list(r.get("quantized", [])), modified=list(r["modified"]),
+                      seconds=float(r.get("seconds", 0.0)), extra=extra)
+    return rep
+
+
+def _set_cache_info(rep, info: dict) -> None:
+    extra = getattr(rep, "extra", None)
+    if isinstance(extra, dict):
+        extra["cache"] = info

@@ -1,0 +1,596 @@
+"""Export int RTN / GPTQ / AWQ results as a standard GPTQ-format checkpoint.
+
+    lm-eval-quant export --model_args pretrained=DIR,method=gptq,bits=4,group_size=128 --output OUT
+    # or, inside an evaluation:  --model_args ...,save_quantized=OUT
+
+What is written (the layout GPTQModel, transformers+optimum and vLLM read):
+
+* for every quantized linear ``X`` (weight [out, in]):
+  ``X.qweight`` int32 [in·bits/32, out] -- codes packed along the input dim, little-endian bit
+  stream (code j of a 32-code run starts at bit ``bits·j`` of the run's ``bits`` words; 2/4/8 bits
+  therefore never straddle a word, 3 bits does: GPTQ's 3-bit layout);
+  ``X.qzeros`` int32 [n_groups, out·bits/32] -- zero points packed the same way along the output dim;
+  ``X.scales`` fp16 [n_groups, out]; ``X.g_idx`` int32 [in] (group of each input column: ``i // g``,
+  or the act-order groups); ``X.bias`` when the layer has one.  Dequantization is
+  ``W[o, i] = scales[g_idx[i], o] · (code[i, o] − zero[g_idx[i], o])``.
+* every other tensor unchanged (norms, embeddings, lm_head, AWQ-folded norm weights);
+* ``config.json`` with ``quantization_config`` (quant_method gptq, bits, group_size, desc_act, sym,
+  checkpoint_format, ...) + generation config + tokenizer files.
+
+Zero-point convention.  ``checkpoint_format="gptq"`` (v1, what vLLM and most tools read) stores
+``zero − 1``; loaders add 1 to every packed field in one integer add, so a stored zero of 0 (−1 in
+the field) would carry into the neighbouring field.  ``"gptq_v2"`` (GPTQModel's internal format)
+stores the zero as is.  ``checkpoint_format=auto`` (default) writes v1 whenever every zero point is
+≥ 1 (always true for sym, where zero = 2^(k−1), and almost always for asym) and v2 otherwise.
+GPTQModel 7.6 loads both on CPU (TorchQuantLinear converts v1 → v2 at load).
+
+Where the integer codes come from.  GPTQ's groups are fit on error-updated weights, so refitting
+the format on ŵ does not give back its scale/zero.  When the method kept its integer state
+(``QuantReport.extra["qstate"][name] = {codes, scale, zero, g_idx}``, GPTQ's ``keep_qstate=true``)
+it is used as is (and checked against the weights).  Otherwise it is recovered exactly from ŵ:
+in every group ŵ = (q − z)·s with integer q ∈ [0, 2^k) and an fp16 scale s, so all values of a
+group are integer multiples of s.  We take the smallest gap between the group's distinct values as
+a multiple of s, set s = range / round(range / gap), check that every ŵ/s is an integer (to 2^-7
+relative, which also covers bf16 weights), and choose the zero point inside the range the codes
+allow (sym: fixed 2^(k−1)).  Any (q, z, s) that passes reproduces ŵ exactly, even where it is not
+the method's own (e.g. a GPTQ group that never used its top code).  Groups that fail the cheap
+estimate are retried with s = range / m for every m ≤ 2^k − 1; a layer still off the grid is an
+error ("not quantized to a k-bit int grid").  act_order groups are taken from ``qstate["g_idx"]``
+(without it an act-order model cannot be exported: its groups are not contiguous).
+
+Tolerance of the round trip (tests/test_export.py): scales are fp16 in both our fake-quant
+formats and the checkpoint, so the dequantized weights are identical; GPTQModel's CPU kernel
+dequantizes in fp16, so logits agree to about 1e-3 relative on float32 models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import QuantArgError
+
+EXPORT_BITS = (2, 3, 4, 8)
+EXPORT_METHODS = ("rtn", "gptq", "awq")
+_PREFIX = "lm-eval-quant export"
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks (cheap, before any model work)
+# ---------------------------------------------------------------------------------------------
+def check_exportable(cfg) -> None:
+    """Raise QuantArgError (one line) unless `cfg` can be written as a GPTQ checkpoint."""
+    if cfg.method not in EXPORT_METHODS:
+        what = "nothing is quantized" if cfg.method == "none" else f"method={cfg.method} is not exportable"
+        raise QuantArgError(
+            f"{_PREFIX}: {what}; GPTQ-format export needs method=rtn, gptq or awq with format=int"
+        )
+    if str(cfg.format) != "int":
+        raise QuantArgError(
+            f"{_PREFIX}: format={cfg.format} cannot be written as a GPTQ checkpoint, which stores "
+            f"uniform integer codes with a scale and zero point; use format=int"
+        )
+    if cfg.bits not in EXPORT_BITS:
+        raise QuantArgError(
+            f"{_PREFIX}: bits={cfg.bits} has no GPTQ checkpoint layout; use bits=2, 3, 4 or 8"
+        )
+
+
+def _check_shapes(name: str, out_f: int, in_f: int, bits: int, group: int) -> None:
+    if (in_f * bits) % 32:
+        raise QuantArgError(
+            f"{_PREFIX}: layer {name} has in_features={in_f}; {bits}-bit GPTQ packing needs "
+            f"in_features*bits divisible by 32"
+        )
+    if (out_f * bits) % 32:
+        raise QuantArgError(
+            f"{_PREFIX}: layer {name} has out_features={out_f}; {bits}-bit GPTQ zero-point packing "
+            f"needs out_features*bits divisible by 32"
+        )
+    if group != -1 and in_f % group:
+        raise QuantArgError(f"{_PREFIX}: group_size={group} does not divide in_features={in_f} of {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# bit packing (pure tensor functions)
+# ---------------------------------------------------------------------------------------------
+def pack_rows(values, bits: int):
+    """Pack integer codes [N, M] (0 ≤ v < 2^bits) along dim 0 into int32 [N·bits/32, M].
+
+    Runs of 32 codes fill `bits` consecutive 32-bit words as one little-endian bit stream: code j
+    of a run occupies stream bits [bits·j, bits·j + bits). For 2/4/8 bits this is the familiar
+    ``word |= code << (bits·j)``; for 3 bits it is GPTQ's layout (codes 10 and 21 straddle words).
+    """
+    import torch
+
+    v = values.to(torch.int64)
+    n, m = v.shape
+    if (n * bits) % 32 or n % 32 and bits == 3:
+        raise ValueError(f"cannot pack {n} rows of {bits}-bit codes into 32-bit words")
+    if int(v.min()) < 0 or int(v.max()) >= (1 << bits):
+        raise ValueError(f"codes out of range for {bits} bits")
+    if 32 % bits == 0:
+        per = 32 // bits
+        v = v.reshape(n // per, per, m)
+        shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
+        words = (v << shifts).sum(dim=1)
+    else:
+        runs = v.reshape(n // 32, 32, m)
+        words = torch.zeros(n // 32, bits, m, dtype=torch.int64)
+        for j in range(32):
+            off = bits * j
+            w, sh = divmod(off, 32)
+            words[:, w] |= (runs[:, j] << sh) & 0xFFFFFFFF
+            if sh + bits > 32:
+                words[:, w + 1] |= runs[:, j] >> (32 - sh)
+        words = words.reshape(n // 32 * bits, m)
+    words = words & 0xFFFFFFFF
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_rows(packed, bits: int, n: int):
+    """Inverse of :func:`pack_rows`: int32 [n·bits/32, M] → int64 codes [n, M]."""
+    import torch
+
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    m = w.shape[1]
+    if 32 % bits == 0:
+        per = 32 // bits
+        shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
+        v = (w.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        return v.reshape(-1, m)[:n]
+    runs = w.reshape(-1, bits, m)
+    out = torch.zeros(runs.shape[0], 32, m, dtype=torch.int64)
+    mask = (1 << bits) - 1
+    for j in range(32):
+        off = bits * j
+        wi, sh = divmod(off, 32)
+        val = runs[:, wi] >> sh
+        if sh + bits > 32:
+            val = val | (runs[:, wi + 1] << (32 - sh))
+        out[:, j] = val & mask
+    return out.reshape(-1, m)[:n]
+
+
+def pack_cols(values, bits: int):
+    """Pack [N, M] codes along dim 1 → int32 [N, M·bits/32] (GPTQ's qzeros layout)."""
+    return pack_rows(values.t().contiguous(), bits).t().contiguous()
+
+
+def unpack_cols(packed, bits: int, m: int):
+    return unpack_rows(packed.t().contiguous(), bits, m).t().contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# integer state: from the method, or recovered exactly from the fake-quantized weights
+# ---------------------------------------------------------------------------------------------
+def _fp16(x):
+    import torch
+
+    tiny = float(torch.finfo(torch.float16).tiny)
+    return x.clamp(min=tiny, max=65504.0).to(torch.float16).to(torch.float32)
+
+
+def recover_qstate(w_hat, bits: int, group_size: int, sym: bool, g_idx=None, name: str = "layer") -> dict:
+    """Integer codes, fp16-representable scales and zero points that reproduce ŵ [out, in].
+
+    Returns {"codes": uint8 [out, in], "scale": float32 [out, G], "zero": float32 [out, G],
+    "g_idx": int32 [in]}. Raises QuantArgError when a group is not on a `bits`-bit int grid.
+    See the module docstring for the method.
+    """
+    import torch
+
+    W = w_hat.detach().to("cpu", torch.float32)
+    out_f, in_f = W.shape
+    g = in_f if group_size == -1 else int(group_size)
+    n_groups = in_f // g
+    maxq = (1 << bits) - 1
+    if g_idx is None:
+        g_idx = torch.arange(in_f, dtype=torch.int32) // g
+        perm = None
+    else:
+        g_idx = g_idx.to(torch.int32).cpu()
+        counts = torch.bincount(g_idx.long(), minlength=n_groups)
+        if counts.numel() != n_groups or bool((counts != g).any()):
+            raise QuantArgError(f"{_PREFIX}: g_idx of {name} does not have {n_groups} groups of {g} columns")
+        perm = torch.argsort(g_idx.long(), stable=True)
+        if bool((perm == torch.arange(in_f)).all()):
+            perm = None
+    Wp = W if perm is None else W[:, perm]
+    B = Wp.reshape(out_f * n_groups, g)
+
+    vmin = B.amin(dim=1)
+    vmax = B.amax(dim=1)
+    rng = vmax - vmin
+    srt = B.sort(dim=1).values
+    gaps = srt[:, 1:] - srt[:, :-1]
+    tol_gap = rng * 1e-4
+    gaps = torch.where(gaps > tol_gap.unsqueeze(1), gaps, torch.full_like(gaps, float("inf")))
+    gap = gaps.amin(dim=1)
+    m = torch.round(rng / gap).clamp(min=1)
+    s = torch.where(torch.isfinite(gap) & (m <= maxq), rng / m, torch.zeros_like(rng))
+    # one value only (range 0): s = |value| (code offset ±1), or 1 for an all-zero group
+    single = rng == 0
+    s = torch.where(single, torch.where(vmin != 0, vmin.abs(), torch.ones_like(vmin)), s)
+
+    def solve(scale):
+        scale = _fp16(torch.where(scale > 0, scale, torch.ones_like(scale)))
+        k = torch.round(B / scale.unsqueeze(1))
+        err = (B - k * scale.unsqueeze(1)).abs()
+        ok = (err <= (2.0**-7) * B.abs() + 1e-30).all(dim=1)
+        kmin, kmax = k.amin(dim=1), k.amax(dim=1)
+        if sym:
+            z = torch.full_like(scale, float((maxq + 1) // 2))
+            ok &= (kmin + z >= 0) & (kmax + z <= maxq)
+        else:
+            lo = (-kmin).clamp(min=0)          # smallest zero keeping codes ≥ 0
+            hi = (maxq - kmax).clamp(max=maxq)  # largest zero keeping codes ≤ maxq
+            ok &= lo <= hi
+            # prefer a zero ≥ 1 (v1 checkpoints cannot hold 0) when the codes leave the choice
+            z = torch.where(lo < 1, torch.minimum(torch.ones_like(lo), hi), lo).clamp(min=0)
+        return scale, z, ok
+
+    scale, zero, ok = solve(s)
+    if not bool(ok.all()):
+        bad = torch.nonzero(~ok).flatten()
+        for mm in range(maxq, 0, -1):
+            if bad.numel() == 0:
+                break
+            sc2, z2, ok2 = solve(torch.where(rng > 0, rng / mm, s))
+            fix = bad[ok2[bad]]
+            scale[fix], zero[fix], ok[fix] = sc2[fix], z2[fix], True
+            bad = bad[~ok2[bad]]
+        if bad.numel():
+            i = int(bad[0])
+            raise QuantArgError(
+                f"{_PREFIX}: weights of {name} (row {i // n_groups}, group {i % n_groups}) are not on a "
+                f"{bits}-bit{' symmetric' if sym else ''} int grid with group_size={group_size}; "
+                f"was the model quantized with these settings?"
+            )
+    codes = (torch.round(B / scale.unsqueeze(1)) + zero.unsqueeze(1)).clamp(0, maxq)
+    codes = codes.reshape(out_f, in_f).to(torch.uint8)
+    if perm is not None:
+        full = torch.empty_like(codes)
+        full[:, perm] = codes
+        codes = full
+    return {"codes": codes, "scale": scale.reshape(out_f, n_groups),
+            "zero": zero.reshape(out_f, n_groups), "g_idx": g_idx}
+
+
+def _dequant(qs: dict):
+    import torch
+
+    gi = qs["g_idx"].long()
+    return (qs["codes"].float() - qs["zero"][:, gi]) * qs["scale"][:, gi]
+
+
+def _check_qstate(name: str, qs: dict, w, bits: int) -> dict:
+    """Validate a method-provided qstate against the layer weights; return it normalised."""
+    import torch
+
+    for k in ("codes", "scale", "zero", "g_idx"):
+        if qs.get(k) is None:
+            raise QuantArgError(f"{_PREFIX}: qstate of {name} has no {k}; is the format int?")
+    out = {"codes": qs["codes"].cpu().to(torch.uint8), "scale": qs["scale"].cpu().float(),
+           "zero": qs["zero"].cpu().float(), "g_idx": qs["g_idx"].cpu().to(torch.int32)}
+    if int(out["codes"].max()) >= (1 << bits):
+        raise QuantArgError(f"{_PREFIX}: qstate codes of {name} exceed {bits} bits")
+    if not torch.equal(_fp16(out["scale"]), out["scale"]):
+        raise QuantArgError(f"{_PREFIX}: qstate scales of {name} are not fp16-representable")
+    deq = _dequant(out)
+    wf = w.detach().cpu().float()
+    err = (deq - wf).abs().max().item()
+    if err > 2.0**-7 * wf.abs().max().item() + 1e-12:
+        raise QuantArgError(
+            f"{_PREFIX}: the kept qstate of {name} does not match its weights (max diff {err:.3g}); "
+            f"the weights changed after quantization"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# writing the checkpoint
+# ---------------------------------------------------------------------------------------------
+def _linears(model, cfg, report):
+    from .methods.base import quantizable_linears, weight_matrix
+
+    lins = quantizable_linears(model, tuple(cfg.skip))
+    if report is not None and getattr(report, "quantized", None):
+        keep = set(report.quantized)
+        lins = [(n, m) for n, m in lins if n in keep]
+    return [(n, m, weight_matrix(m)) for n, m in lins]
+
+
+def _block_suffixes(model, names: list[str]) -> tuple[str | None, list[str] | None, list[str]]:
+    """(decoder block prefix, modules_in_block_to_quantize suffixes or None, names outside blocks)."""
+    try:
+        from .methods.layerwise import LAYER_PATHS
+    except Exception:  # pragma: no cover
+        LAYER_PATHS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers")
+    prefix = None
+    for p in LAYER_PATHS:
+        obj = model
+        try:
+            for part in p.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        prefix = p
+        break
+    if prefix is None:
+        return None, None, names
+    inside, outside = [], []
+    for n in names:
+        (inside if n.startswith(prefix + ".") else outside).append(n)
+    return prefix, inside, outside
+
+
+def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict | None = None,
+                   checkpoint_format: str = "auto", progress: bool = True) -> Path:
+    """Write the (fake-)quantized `model` as a GPTQ-format checkpoint in `path`.
+
+    `cfg` is the QuantConfig the model was quantized with; `report` its QuantReport (its
+    ``quantized`` list names the linears; ``extra["qstate"]`` is used when present); `qstate`
+    overrides the report's. The model is not modified. Returns the output path.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from . import __version__
+
+    check_exportable(cfg)
+    if checkpoint_format not in ("auto", "gptq", "gptq_v2"):
+        raise QuantArgError(f"{_PREFIX}: checkpoint_format must be auto, gptq or gptq_v2, got {checkpoint_format!r}")
+    bits, group = int(cfg.bits), int(cfg.group_size)
+    if qstate is None and report is not None:
+        qstate = (getattr(report, "extra", None) or {}).get("qstate")
+    qstate = qstate or {}
+    opts = cfg.options or {}
+    if opts.get("act_order") and not opts.get("static_groups"):
+        missing = [n for n in ((report.quantized if report is not None else None) or []) if n not in qstate]
+        if not qstate or missing:
+            raise QuantArgError(
+                f"{_PREFIX}: act_order=true puts columns in non-contiguous groups that cannot be read back "
+                f"from the weights; quantize with keep_qstate=true (the export command does this itself)"
+            )
+    lins = _linears(model, cfg, report)
+    if not lins:
+        raise QuantArgError(f"{_PREFIX}: the model has no quantized linear layers to export")
+    for name, _, W in lins:
+        _check_shapes(name, W.shape[0], W.shape[1], bits, group)
+    names = [n for n, _, _ in lins]
+    block, inside, outside = _block_suffixes(model, names)
+    if outside:
+        raise QuantArgError(
+            f"{_PREFIX}: {outside[0]} lies outside the decoder layers; GPTQ checkpoints only quantize "
+            f"linears inside them (keep it in skip=)"
+        )
+    # suffix list when skip= excludes some in-block linears uniformly across layers
+    all_in_block = [n for n, _, _ in ((n, None, None) for n, m in model.named_modules()
+                                       if n.startswith(block + ".") and _is_lin(m))]
+    modules_in_block = None
+    if set(all_in_block) != set(inside):
+        def suffix(n):
+            rest = n[len(block) + 1:]
+            return rest.split(".", 1)[1] if "." in rest else rest
+        want = sorted({suffix(n) for n in inside})
+        for n in all_in_block:
+            if (n in set(inside)) != (suffix(n) in want):
+                raise QuantArgError(
+                    f"{_PREFIX}: skip= excludes {n} in some decoder layers but not in others; a GPTQ "
+                    f"checkpoint can only leave the same linears unquantized in every layer"
+                )
+        modules_in_block = [want]
+
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "config.json").exists():
+            raise QuantArgError(f"{_PREFIX}: output folder {out} exists and is not a model folder; choose a new one")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    dtype = next(model.parameters()).dtype
+    packed: dict[str, Any] = {}
+    any_zero0 = False
+    desc_act = False
+    with torch.no_grad():
+        for name, mod, W in tqdm(lins, desc="export: packing", unit="layer", disable=not progress):
+            qs = qstate.get(name)
+            if qs is not None:
+                qs = _check_qstate(name, qs, W, bits)
+            else:
+                qs = recover_qstate(W, bits, group, bool(cfg.sym), name=name)
+            n_in = W.shape[1]
+            gsz = n_in if group == -1 else group
+            trivial = torch.equal(qs["g_idx"].long(), torch.arange(n_in) // gsz)
+            desc_act |= not trivial
+            zero = torch.round(qs["zero"]).to(torch.int64)        # [out, G]
+            any_zero0 |= bool((zero == 0).any())
+            packed[name] = (qs["codes"], qs["scale"], zero, qs["g_idx"])
+
+        fmt = checkpoint_format
+        if fmt == "auto":
+            fmt = "gptq_v2" if any_zero0 else "gptq"
+        elif fmt == "gptq" and any_zero0:
+            raise QuantArgError(
+                f"{_PREFIX}: some zero points are 0, which checkpoint_format=gptq (v1, stores zero-1) "
+                f"cannot hold; use checkpoint_format=gptq_v2 or auto"
+            )
+        off = 1 if fmt == "gptq" else 0
+
+        state: dict[str, torch.Tensor] = {}
+        replaced = set()
+        for name, (codes, scale, zero, g_idx) in packed.items():
+            mod = model.get_submodule(name)
+            state[f"{name}.qweight"] = pack_rows(codes.t().contiguous().to(torch.int64), bits)
+            state[f"{name}.qzeros"] = pack_cols((zero - off).t().contiguous() & ((1 << bits) - 1), bits)
+            state[f"{name}.scales"] = scale.t().contiguous().to(torch.float16)
+            state[f"{name}.g_idx"] = g_idx.to(torch.int32).contiguous()
+            if getattr(mod, "bias", None) is not None:
+                state[f"{name}.bias"] = mod.bias.detach().cpu().to(torch.float16).contiguous()
+                replaced.add(f"{name}.bias")
+            replaced.add(f"{name}.weight")
+
+        # every remaining tensor, tied ones included (transformers' GPTQ loader does not re-tie
+        # a missing output head: it reports it MISSING and re-initialises it)
+        for k, v in model.state_dict().items():
+            if k in replaced:
+                continue
+            state[k] = v.detach().cpu().contiguous().clone()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+    qcfg = {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group,
+        "desc_act": bool(desc_act),
+        "sym": bool(cfg.sym),
+        "static_groups": bool((cfg.options or {}).get("static_groups", False)),
+        "true_sequential": bool((cfg.options or {}).get("true_sequential", True)),
+        "damp_percent": float((cfg.options or {}).get("damp", 0.01)),
+        "lm_head": False,
+        "checkpoint_format": fmt,
+        "format": fmt,
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [f"lm_eval_quant:{__version__}"],
+                 "lm_eval_quant": {"quant_config": cfg.to_dict()}},
+    }
+    if modules_in_block is not None:
+        qcfg["block_name_to_quantize"] = block
+        qcfg["modules_in_block_to_quantize"] = modules_in_block
+    conf = model.config.to_dict()
+    conf["quantization_config"] = qcfg
+    conf["dtype"] = str(dtype).replace("torch.", "")
+    conf.pop("torch_dtype", None)
+    (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True, default=str) + "\n")
+    (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(tmp)
+        except Exception:
+            pass
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    return out
+
+
+def _is_lin(m) -> bool:
+    from .methods.base import is_quantizable
+
+    return is_quantizable(m)
+
+
+def _tied_keys(model) -> set[str]:
+    keys: set[str] = set()
+    for attr in ("all_tied_weights_keys", "_tied_weights_keys"):
+        v = getattr(model, attr, None)
+        if isinstance(v, dict):
+            keys |= set(v)
+        elif isinstance(v, (list, tuple, set)):
+            keys |= set(v)
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: lm-eval-quant export
+# ---------------------------------------------------------------------------------------------
+def _parse_model_args(s: str) -> dict:
+    out: dict[str, str] = {}
+    for part in [p for p in s.split(",") if p.strip()]:
+        if "=" not in part:
+            raise QuantArgError(f"{_PREFIX}: --model_args entry {part!r} is not key=value")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lm-eval-quant export --model_args pretrained=…,method=…,bits=… --output DIR`."""
+    ap = argparse.ArgumentParser(prog=_PREFIX, description="Quantize a model and write a GPTQ-format checkpoint.")
+    ap.add_argument("--model_args", "--model-args", dest="model_args", required=True,
+                    help="pretrained=…,method=rtn|gptq|awq,bits=2|3|4|8,group_size=…,sym=… (+ method options)")
+    ap.add_argument("--output", "-o", required=True, help="output folder (created)")
+    ap.add_argument("--checkpoint_format", "--checkpoint-format", default="auto", choices=("auto", "gptq", "gptq_v2"))
+    ap.add_argument("--device", default=None, help="device for the model and the quantization (default cpu)")
+    ap.add_argument("--no-cache", action="store_true", help="do not use the quantized-weights cache")
+    ns = ap.parse_args(argv)
+    try:
+        args = _parse_model_args(ns.model_args)
+        if "pretrained" not in args:
+            raise QuantArgError(f"{_PREFIX}: --model_args needs pretrained=<model id or folder>")
+        args.pop("save_quantized", None)
+        quant_keys = {k: args.pop(k) for k in list(args) if k in ("method", "bits", "group_size", "format", "sym", "skip")}
+        if "method" not in quant_keys:
+            raise QuantArgError(f"{_PREFIX}: --model_args needs method=rtn, gptq or awq")
+        from .methods import build_config, get_method
+
+        method = get_method(quant_keys["method"])
+        opts = {k: args.pop(k) for k in list(args) if k in method.OPTIONS}
+        if "keep_qstate" in method.OPTIONS:
+            opts.setdefault("keep_qstate", "true")  # exact integer state (act_order needs it)
+        cfg = build_config(**quant_keys, **opts)
+        check_exportable(cfg)
+        out = Path(ns.output)
+        if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
+            raise QuantArgError(f"{_PREFIX}: output folder {out} exists and is not a model folder; choose a new one")
+        model, tok, report = _quantize(args, cfg, method, ns)
+        save_quantized(model, cfg, out, report=report, tokenizer=tok, checkpoint_format=ns.checkpoint_format)
+    except QuantArgError as e:
+        print(f"lm-eval-quant: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{_PREFIX}: wrote {cfg.method} {cfg.bits}-bit g{cfg.group_size} GPTQ checkpoint to {out}")
+    return 0
+
+
+def _quantize(args: dict, cfg, method, ns):
+    """Load the model (transformers), quantize it (through the cache), return (model, tok, report)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import cache as qcache
+    from .methods.base import QuantContext
+
+    pretrained = args.pop("pretrained")
+    revision = args.pop("revision", None)
+    dtype_s = args.pop("dtype", args.pop("torch_dtype", "auto"))
+    cache_on = str(args.pop("cache", "true")).lower() not in ("0", "false", "no", "off") and not ns.no_cache
+    cache_dir = args.pop("cache_dir", None)
+    trust = str(args.pop("trust_remote_code", "false")).lower() in ("1", "true", "yes")
+    for k in ("batch_size", "max_length", "device", "parallelize"):
+        args.pop(k, None)
+    if args:
+        raise QuantArgError(f"{_PREFIX}: unknown --model_args entries: {', '.join(sorted(args))}")
+    dtype = dtype_s if dtype_s == "auto" else getattr(torch, str(dtype_s).replace("torch.", ""), None)
+    if dtype is None:
+        raise QuantArgError(f"{_PREFIX}: unknown dtype {dtype_s!r}")
+    kw = dict(revision=revision, dtype=dtype, trust_remote_code=trust)
+    tok = AutoTokenizer.from_pretrained(pretrained, revision=revision, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(pretrained, **kw)
+    model.eval()
+    device = ns.device or "cpu"
+    model.to(device)
+    ctx = QuantContext(tokenizer=tok, device=device, seed=0, progress=True, model_id=pretrained)
+    ident = qcache.model_identity(pretrained, revision, model)
+    report, _hit = qcache.load_or_quantize(
+        model, cfg, ident, lambda: method.quantize(model, cfg, ctx),
+        cache_dir=cache_dir, enabled=cache_on, calib=qcache.calibration_identity(cfg, tok))
+    model.to("cpu")
+    return model, tok, report
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,559 @@
+"""AWQ: activation-aware weight quantization (Lin et al. 2023), our own implementation.
+
+Per decoder layer (driven by :mod:`lm_eval_quant.methods.layerwise`, so each layer sees the
+outputs of the already quantized previous layers):
+
+1. One full-precision forward of the layer over the calibration batch accumulates, for every set
+   of linears that share one input tensor (q/k/v; gate/up; o; down — found by
+   ``LayerStep.linear_groups``), the per-input-channel mean ``s_x = mean|x|`` and the Gram matrix
+   ``H = Xᵀ X`` (``in × in``).  With H the quantization error of any weight ``Ŵ`` on all
+   calibration tokens is exact and cheap: ``||X Ŵᵀ − X Wᵀ||² = Σ_rows e H eᵀ`` (e = Ŵ − W row).
+2. **Scale search.** For α = i/n_grid, i = 0..n_grid−1 (α = 0 is plain RTN):
+   ``s = s_x^α`` (s_x clamped ≥ 1e-4), normalised by ``√(max s · min s)``; the loss is the MSE of
+   the group's *concatenated linear outputs* ``X [Q(W·diag(s))·diag(s)⁻¹]ᵀ`` against ``X Wᵀ``
+   (our choice of "block": the linears' outputs, not the attention/MLP module output as in the
+   paper; it makes the search a closed form in H, vectorised over α).  The best α is kept.
+3. **Fold.** ``1/s`` goes into what produces the group's input, ``s`` into the linears' input
+   columns, so the full-precision function is unchanged:
+   * a norm (LayerNorm / RMSNorm) whose output tensor *is* the group input: ``weight /= s`` (and
+     ``bias``) — detected generically by tensor identity during the forward;
+   * a linear whose outputs reach the group channel by channel through a positively homogeneous
+     path: ``v_proj → o_proj`` (attention is linear in V; only when ``v_proj.out == o_proj.in``,
+     i.e. not for grouped-query attention), GPT-2 ``c_attn[V part] → attn.c_proj``,
+     ``up_proj → down_proj`` (``act(gate)·up``), OPT ``fc1 → fc2`` (ReLU); and any linear whose
+     output tensor is the group input.  GPT-2's ``mlp.c_proj`` follows a GELU: not foldable,
+     so it gets clip + RTN only.
+   Every fold is checked numerically on one calibration sample (layer output before vs after,
+   relative error ≤ 1e-3 in fp32, 5e-2 in fp16/bf16); a fold that changes the function (e.g.
+   Gemma's ``(1 + w)`` norms, GELU paths) is reverted and the group is left unscaled (reported in
+   ``extra["awq"]["unscaled"]``).
+4. **Clip search** (``clip=true``): per output row and group, shrink ``max|w|`` over ``clip_grid``
+   ratios from 1.0 down to ``max_shrink`` (0.5), clamp the weights to ``±ratio·max|w|``, quantize,
+   and keep the ratio with the smallest error of that group's partial output
+   ``X_g (ŵ_g − w_g)ᵀ`` on the calibration tokens (the diagonal blocks of H, as the AWQ code
+   measures it).  The weights are clamped to the chosen ratio.
+5. Quantize with round-to-nearest in the chosen format (every format: int sym/asym, fp, nf,
+   dynamic) and group size.
+
+Options: ``n_grid`` (20; 1 disables the scale search), ``clip`` (true), ``clip_grid`` (20),
+``max_shrink`` (0.5), ``calib`` (``auto``: the paper's Pile validation set, falling back to c4 then
+wikitext2 — see calibration.py for where each comes from; or c4|wikitext2|pile|PATH),
+``nsamples`` (128), ``seqlen`` (512, as the paper; clipped to the model maximum), ``calib_seed``
+(0), ``calib_batch`` (0 = automatic).  Deterministic: the same config gives identical weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import QuantArgError
+from ..formats import block_length, make_format, quantize_weight
+from .base import (
+    Method,
+    QuantConfig,
+    QuantContext,
+    QuantReport,
+    check_group_size,
+    quantizable_linears,
+    set_weight_matrix,
+    untie_if_shared,
+    weight_matrix,
+)
+
+__all__ = [
+    "AWQ",
+    "fake_quant",
+    "search_scale",
+    "search_clip",
+    "apply_clip",
+    "scale_candidates",
+    "awq_quantize_model",
+]
+
+# elements per temporary [chunk, out, in] tensor in the searches (~128 MB in fp32)
+_BUDGET = 1 << 25
+_NORM_HINTS = ("norm", "ln")
+
+
+# ----------------------------------------------------------------------------------------- math
+def fake_quant(W: torch.Tensor, fmt, group_size: int) -> torch.Tensor:
+    """Round-to-nearest fake quantization of ``W[..., out, in]`` block-wise along ``in`` (float32)."""
+    in_f = W.shape[-1]
+    g = block_length(in_f, group_size)
+    B = W.float().reshape(*W.shape[:-1], in_f // g, g)
+    return fmt.fake(B, fmt.fit(B)).reshape(W.shape)
+
+
+def scale_candidates(x_mean: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """``s = s_x^α`` per α (rows), normalised by ``√(max s · min s)``; ``[len(alphas), in]``."""
+    sx = x_mean.float().clamp(min=1e-4)
+    s = sx[None, :] ** alphas.float()[:, None]
+    s = s / (s.amax(dim=1, keepdim=True) * s.amin(dim=1, keepdim=True)).sqrt()
+    return s
+
+
+@torch.no_grad()
+def search_scale(weights: list[torch.Tensor], H: torch.Tensor, x_mean: torch.Tensor, n_tokens: int,
+                 fmt, group_size: int, n_grid: int = 20) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """AWQ grid search over α for linears sharing one input.
+
+    weights: the group's ``[out_i, in]`` matrices (the ones that will be quantized);
+    H: ``Xᵀ X`` of their input (``in × in``, float32); x_mean: ``mean|x|`` per input channel.
+    Returns ``(s, best_alpha, mse)`` where ``mse[i]`` is the output MSE of the group's concatenated
+    linear outputs at ``α = i / n_grid`` (``mse[0]`` is plain RTN); ties go to the smaller α.
+    """
+    W = torch.cat([w.float() for w in weights], 0).to(H.device)
+    out_f, in_f = W.shape
+    alphas = torch.arange(n_grid, dtype=torch.float32, device=H.device) / n_grid
+    S = scale_candidates(x_mean.to(H.device), alphas)
+    losses = torch.empty(n_grid, dtype=torch.float64)
+    chunk = max(1, _BUDGET // max(1, out_f * in_f))
+    for a0 in range(0, n_grid, chunk):
+        s = S[a0 : a0 + chunk]  # [a, in]
+        Ws = W[None] * s[:, None, :]
+        E = fake_quant(Ws, fmt, group_size) / s[:, None, :] - W[None]
+        del Ws
+        losses[a0 : a0 + chunk] = ((E @ H) * E).sum(dim=(1, 2)).double().cpu()
+        del E
+    mse = losses / max(1, n_tokens * out_f)
+    best = int(torch.argmin(mse))  # first minimum: the smallest α among ties
+    return S[best].clone(), float(alphas[best]), mse
+
+
+def _diag_blocks(H: torch.Tensor, g: int) -> torch.Tensor:
+    """The diagonal ``g × g`` blocks of H: ``[n_groups, g, g]``."""
+    n = H.shape[0] // g
+    return H.reshape(n, g, n, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
+
+@torch.no_grad()
+def search_clip(W: torch.Tensor, H: torch.Tensor, fmt, group_size: int, clip_grid: int = 20,
+                max_shrink: float = 0.5, return_errors: bool = False):
+    """Per (output row, group) clip ratio minimising the group's partial output error.
+
+    For ratio r on ``linspace(1, max_shrink, clip_grid)``: ``w_c = clamp(w, ±r·max|w|)``, quantized;
+    error ``(ŵ − w) H_gg (ŵ − w)ᵀ`` with ``H_gg`` the group's diagonal block of ``Xᵀ X``.
+    Returns ratios ``[out, n_groups, 1]`` (and the errors ``[grid, out, n_groups]`` if asked).
+    """
+    W = W.float().to(H.device)
+    out_f, in_f = W.shape
+    g = block_length(in_f, group_size)
+    ng = in_f // g
+    Hb = _diag_blocks(H.float(), g)  # [ng, g, g]
+    ratios = torch.linspace(1.0, float(max_shrink), clip_grid, device=H.device) if clip_grid > 1 \
+        else torch.ones(1, device=H.device)
+    Wb = W.reshape(out_f, ng, g)
+    amax = Wb.abs().amax(dim=-1, keepdim=True)  # [out, ng, 1]
+    best = torch.empty(out_f, ng, 1, device=H.device)
+    errs_all = [] if return_errors else None
+    rows = max(1, _BUDGET // max(1, len(ratios) * in_f))
+    for r0 in range(0, out_f, rows):
+        w = Wb[r0 : r0 + rows]  # [o, ng, g]
+        lim = ratios[:, None, None, None] * amax[None, r0 : r0 + rows]  # [R, o, ng, 1]
+        wc = torch.maximum(torch.minimum(w[None], lim), -lim)
+        e = fmt.fake(wc, fmt.fit(wc)) - w[None]  # [R, o, ng, g]
+        err = torch.einsum("rong,ngh,ronh->ron", e, Hb, e)
+        best[r0 : r0 + rows, :, 0] = ratios[err.argmin(dim=0)]
+        if return_errors:
+            errs_all.append(err.cpu())
+    if return_errors:
+        return best, torch.cat(errs_all, dim=1)
+    return best
+
+
+def apply_clip(W: torch.Tensor, ratio: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Clamp each (row, group) of ``W [out, in]`` to ``±ratio·max|w|`` (ratio ``[out, n_groups, 1]``)."""
+    out_f, in_f = W.shape
+    g = block_length(in_f, group_size)
+    Wb = W.float().reshape(out_f, in_f // g, g)
+    lim = ratio.to(W.device) * Wb.abs().amax(dim=-1, keepdim=True)
+    return torch.maximum(torch.minimum(Wb, lim), -lim).reshape(out_f, in_f)
+
+
+# ------------------------------------------------------------------------------------ structure
+def _slice_batch(obj: Any, n: int) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj[:1] if obj.dim() > 0 and obj.shape[0] == n and n > 1 else obj
+    if isinstance(obj, tuple):
+        return tuple(_slice_batch(o, n) for o in obj)
+    if isinstance(obj, list):
+        return [_slice_batch(o, n) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _slice_batch(v, n) for k, v in obj.items()}
+    return obj
+
+
+def _first(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return getattr(out, "last_hidden_state", out)
+
+
+def _in_features(m: nn.Module) -> int:
+    return weight_matrix(m).shape[1]
+
+
+def _out_features(m: nn.Module) -> int:
+    return weight_matrix(m).shape[0]
+
+
+def _is_norm(mod: nn.Module, in_f: int) -> bool:
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.numel() != in_f:
+        return False
+    cname = type(mod).__name__.lower()
+    return isinstance(mod, nn.LayerNorm) or any(h in cname for h in _NORM_HINTS)
+
+
+def _linear_rule(local: str, module: nn.Module, by_local: dict[str, nn.Module]):
+    """Producer linear (and its output-row slice) of a linear's input by name, or None."""
+    parent, _, leaf = local.rpartition(".")
+
+    def sib(n):
+        return by_local.get(f"{parent}.{n}" if parent else n)
+
+    in_f = _in_features(module)
+    if leaf in ("o_proj", "out_proj", "dense", "wo"):
+        v = sib("v_proj")
+        if v is not None and _out_features(v) == in_f:
+            return v, slice(0, in_f)
+    if leaf == "c_proj":
+        c = sib("c_attn")
+        if c is not None and _out_features(c) == 3 * in_f:
+            return c, slice(2 * in_f, 3 * in_f)
+    if leaf == "down_proj":
+        up = sib("up_proj")
+        if up is not None and _out_features(up) == in_f:
+            return up, slice(0, in_f)
+    if leaf == "fc2":
+        fc1 = sib("fc1")
+        if fc1 is not None and _out_features(fc1) == in_f:
+            return fc1, slice(0, in_f)
+    return None
+
+
+def _params_of(mod: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in (("weight", getattr(mod, "weight", None)), ("bias", getattr(mod, "bias", None)))
+            if isinstance(v, torch.Tensor)}
+
+
+@torch.no_grad()
+def _fold(producer, members: list[nn.Module], s: torch.Tensor) -> None:
+    """Divide the producer's outputs by s and multiply the members' input columns by s."""
+    kind, mod, rows = producer
+    if kind == "norm":
+        for p in _params_of(mod).values():
+            p.data.copy_((p.data.float() / s.to(p.device)).to(p.dtype))
+    else:
+        W = weight_matrix(mod).float().clone()
+        W[rows] = W[rows] / s.to(W.device)[:, None]
+        set_weight_matrix(mod, W)
+        b = getattr(mod, "bias", None)
+        if isinstance(b, torch.Tensor):
+            bb = b.data.float().clone()
+            bb[rows] = bb[rows] / s.to(bb.device)
+            b.data.copy_(bb.to(b.dtype))
+    for m in members:
+        W = weight_matrix(m).float() * s.to(m.weight.device)[None, :]
+        set_weight_matrix(m, W)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+class _Stats:
+    __slots__ = ("H", "absum", "n")
+
+    def __init__(self, in_f: int, device):
+        self.H = torch.zeros(in_f, in_f, dtype=torch.float32, device=device)
+        self.absum = torch.zeros(in_f, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.H.addmm_(x.t(), x)
+        self.absum += x.abs().sum(0, dtype=torch.float64)
+        self.n += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.absum / max(1, self.n)).float()
+
+
+# ------------------------------------------------------------------------------------ the layer
+def _awq_layer(step, qnames: set[str], fmt, group_size: int, n_grid: int, clip: bool, clip_grid: int,
+               max_shrink: float, quantize: bool, log: dict, modified: set[str]) -> None:
+    layer = step.layer
+    all_lin = step.linears()  # every linear of the layer: folds must scale skipped consumers too
+    if not any(n in qnames for n, _ in all_lin):
+        return
+    groups = step.linear_groups(linears=all_lin)
+    prefix = step.name + "."
+    by_local = {n[len(prefix):]: m for n, m in all_lin}
+    local_of = {id(m): n[len(prefix):] for n, m in all_lin}
+    name_of = {id(m): n for n, m in all_lin}
+
+    # 1) one fp forward: stats of every group's input, producers by tensor identity
+    stats = [_Stats(_in_features(g[0][1]), step.device) for g in groups]
+    outputs: dict[int, tuple[str, nn.Module, torch.Tensor]] = {}  # keeps the tensors alive
+    inputs_seen: list[torch.Tensor | None] = [None] * len(groups)
+    first = {"on": True}
+    handles = []
+    for gi, g in enumerate(groups):
+        def pre(mod, args, _gi=gi):
+            stats[_gi].add(args[0])
+            if first["on"] and inputs_seen[_gi] is None:
+                inputs_seen[_gi] = args[0]
+        handles.append(g[0][1].register_forward_pre_hook(pre))
+    for lname, sub in layer.named_modules():
+        if not lname or not (id(sub) in local_of or isinstance(getattr(sub, "weight", None), torch.Tensor)
+                             and sub.weight.dim() == 1):
+            continue  # only linears and norm-like modules can be producers
+
+        def post(mod, args, out, _n=lname):
+            if first["on"] and isinstance(out, torch.Tensor):
+                outputs[id(out)] = (_n, mod, out)
+        handles.append(sub.register_forward_hook(post))
+    try:
+        # the first batch records identities; keep its tensors alive until producers are resolved
+        step.forward(batches=[0])
+        producers = []
+        for gi, g in enumerate(groups):
+            t = inputs_seen[gi]
+            prod = None
+            if t is not None and id(t) in outputs:
+                pname, pmod, _ = outputs[id(t)]
+                in_f = _in_features(g[0][1])
+                if _is_norm(pmod, in_f):
+                    prod = ("norm", pmod, None, pname)
+                elif id(pmod) in local_of and _out_features(pmod) == in_f:
+                    prod = ("linear", pmod, slice(0, in_f), local_of[id(pmod)])
+            if prod is None and len(g) == 1:
+                r = _linear_rule(local_of[id(g[0][1])], g[0][1], by_local)
+                if r is not None:
+                    prod = ("linear", r[0], r[1], local_of[id(r[0])])
+            producers.append(prod)
+        first["on"] = False
+        inputs_seen = [None] * len(groups)
+        outputs.clear()
+        if len(step.inputs) > 1:
+            step.forward(batches=range(1, len(step.inputs)))
+    finally:
+        for h in handles:
+            h.remove()
+
+    # probe for the fold check: the first calibration sample
+    n0 = step.inputs[0].shape[0]
+    probe = (step.inputs[0][:1], _slice_batch(step.args[0], n0), _slice_batch(step.kwargs[0], n0))
+    with torch.no_grad():
+        ref = _first(layer(probe[0], *probe[1], **probe[2])).float().clone()
+    dt = next(layer.parameters()).dtype
+    tol = 1e-3 if dt == torch.float32 or dt == torch.float64 else 5e-2
+
+    # 2) scale search + fold, group by group (in call order)
+    scales: list[torch.Tensor | None] = [None] * len(groups)
+    for gi, g in enumerate(groups):
+        qmem = [(n, m) for n, m in g if n in qnames]
+        prod = producers[gi]
+        gname = "+".join(local_of[id(m)] for _, m in g)
+        if not qmem or n_grid <= 1:
+            continue
+        if prod is None:
+            log["unscaled"].append(f"{step.name}:{gname} (no foldable producer)")
+            continue
+        st = stats[gi]
+        s, alpha, mse = search_scale([weight_matrix(m) for _, m in qmem], st.H, st.mean, st.n, fmt,
+                                     group_size, n_grid)
+        kind, pmod, rows, pname = prod
+        if alpha == 0.0:
+            log["alpha"][f"{step.name}:{gname}"] = 0.0
+            continue
+        saved = [(p, p.data.clone()) for m in [pmod] + [m for _, m in g] for p in _params_of(m).values()]
+        _fold((kind, pmod, rows), [m for _, m in g], s)
+        with torch.no_grad():
+            out = _first(layer(probe[0], *probe[1], **probe[2])).float()
+        err = _rel_err(out, ref)
+        if not math.isfinite(err) or err > tol:
+            for p, d in saved:
+                p.data.copy_(d)
+            log["unscaled"].append(f"{step.name}:{gname} (fold into {pname} changes the output: rel err {err:.2e})")
+            continue
+        scales[gi] = s
+        log["alpha"][f"{step.name}:{gname}"] = alpha
+        log["mse_gain"][f"{step.name}:{gname}"] = float(mse[0] / mse.min()) if float(mse.min()) > 0 else 1.0
+        modified.update(f"{name_of[id(m)]}.weight" for _, m in g)
+        if kind == "norm":
+            modified.update(f"{step.name}.{pname}.{k}" for k in _params_of(pmod))
+        else:
+            modified.update(f"{name_of[id(pmod)]}.{k}" for k in _params_of(pmod))
+
+    if not quantize:
+        return
+    # 3) clip search + 4) RTN, for the quantized members of every group
+    for gi, g in enumerate(groups):
+        st = stats[gi]
+        s = scales[gi]
+        H = st.H if s is None else st.H / (s[:, None] * s[None, :])
+        for n, m in g:
+            if n not in qnames:
+                continue
+            W = weight_matrix(m).float()
+            if clip:
+                ratio = search_clip(W, H, fmt, group_size, clip_grid, max_shrink)
+                W = apply_clip(W, ratio, group_size)
+                log["clip_mean"][n] = float(ratio.mean())
+            set_weight_matrix(m, quantize_weight(W, fmt, group_size).w_hat)
+            modified.add(n + ".weight")
+            log["quantized"].append(n)
+    del stats
+
+
+# ------------------------------------------------------------------------------------ the method
+_CALIB_AUTO = ("pile", "c4", "wikitext2")
+
+
+def _get_calibration(tok, o: dict, model) -> tuple[torch.Tensor, dict]:
+    from .calibration import get_calibration, model_max_seqlen
+
+    args = (int(o["nsamples"]), int(o["seqlen"]), int(o["calib_seed"]))
+    maxlen = model_max_seqlen(model)
+    if str(o["calib"]).lower() != "auto":
+        return get_calibration(tok, o["calib"], *args, max_seqlen=maxlen)
+    errors = []
+    for name in _CALIB_AUTO:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ids, info = get_calibration(tok, name, *args, max_seqlen=maxlen)
+        except QuantArgError as e:
+            errors.append(str(e))
+            continue
+        if name != "pile":
+            warnings.warn(f"awq: calib=auto: the Pile validation set is unavailable; calibrating on {name} ({info.get('origin')})")
+        info["calib_auto"] = name
+        return ids, info
+    raise QuantArgError(
+        "hf-quant: method=awq calib=auto found none of pile, c4, wikitext2 (offline?); "
+        "pass calib=PATH to a .txt/.json/.jsonl file or set LMQ_DATA_DIR (" + errors[-1][:120] + ")"
+    )
+
+
+@torch.no_grad()
+def awq_quantize_model(model: nn.Module, input_ids: torch.Tensor, cfg: QuantConfig, *, n_grid: int = 20,
+                       clip: bool = True, clip_grid: int = 20, max_shrink: float = 0.5,
+                       quantize: bool = True, device=None, batch_size: int | None = None,
+                       progress: bool = False) -> dict:
+    """Run AWQ on ``model`` with calibration tokens ``input_ids [n, seqlen]``; returns a log dict.
+
+    ``quantize=False`` only searches and folds the scales (the model's function is unchanged:
+    used by the tests); the returned ``modified`` lists every parameter that changed.
+    """
+    from .layerwise import find_decoder_layers, run_layerwise
+
+    fmt = make_format(cfg.format, cfg.bits, cfg.sym)
+    find_decoder_layers(model)
+    all_lin = quantizable_linears(model, cfg.skip)
+    check_group_size(all_lin, cfg.group_size)
+    qnames = {n for n, _ in all_lin}
+    log: dict[str, Any] = {"alpha": {}, "mse_gain": {}, "unscaled": [], "clip_mean": {}, "quantized": []}
+    modified: set[str] = set()
+
+    def cb(step):
+        _awq_layer(step, qnames, fmt, cfg.group_size, int(n_grid), bool(clip), int(clip_grid),
+                   float(max_shrink), quantize, log, modified)
+
+    run_layerwise(model, input_ids, cb, device=device, batch_size=batch_size, progress=progress, desc="awq")
+    rtn_outside = []
+    if quantize:
+        done = set(log["quantized"])
+        for n, m in all_lin:
+            if n not in done:
+                untie_if_shared(model, m)
+                set_weight_matrix(m, quantize_weight(weight_matrix(m), fmt, cfg.group_size).w_hat)
+                modified.add(n + ".weight")
+                log["quantized"].append(n)
+                rtn_outside.append(n)
+    log["rtn_outside_layers"] = rtn_outside
+    log["modified"] = sorted(modified)
+    return log
+
+
+class AWQ(Method):
+    name = "awq"
+    needs_calibration = True
+    OPTIONS = {
+        "n_grid": (int, 20),
+        "clip": (bool, True),
+        "clip_grid": (int, 20),
+        "max_shrink": (float, 0.5),
+        "calib": (str, "auto"),
+        "nsamples": (int, 128),
+        "seqlen": (int, 512),
+        "calib_seed": (int, 0),
+        "calib_batch": (int, 0),
+    }
+
+    def _opts(self, cfg: QuantConfig) -> dict:
+        o = {k: d for k, (_, d) in self.OPTIONS.items()}
+        o.update(cfg.options or {})
+        return o
+
+    def validate(self, cfg: QuantConfig) -> None:
+        from .calibration import validate_calib_args
+
+        try:
+            make_format(cfg.format, cfg.bits, cfg.sym)
+        except ValueError as e:
+            raise QuantArgError(f"hf-quant: method=awq: {e}") from None
+        o = self._opts(cfg)
+        if int(o["n_grid"]) < 1:
+            raise QuantArgError(f"hf-quant: n_grid={o['n_grid']} must be >= 1 (1 = no scale search; the paper uses 20)")
+        if int(o["clip_grid"]) < 1:
+            raise QuantArgError(f"hf-quant: clip_grid={o['clip_grid']} must be >= 1 (the paper uses 20)")
+        if not 0.0 < float(o["max_shrink"]) <= 1.0:
+            raise QuantArgError(f"hf-quant: max_shrink={o['max_shrink']} must be in (0, 1] (the paper uses 0.5)")
+        if int(o["calib_batch"]) < 0:
+            raise QuantArgError(f"hf-quant: calib_batch={o['calib_batch']} must be >= 0 (0 = automatic)")
+        calib = "pile" if str(o["calib"]).lower() == "auto" else o["calib"]
+        validate_calib_args(calib, o["nsamples"], o["seqlen"], o["calib_seed"])
+
+    def quantize(self, model: nn.Module, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
+        from .layerwise import find_decoder_layers
+
+        t0 = time.perf_counter()
+        self.validate(cfg)
+        o = self._opts(cfg)
+        find_decoder_layers(model)  # one line before calibration when the layers are unknown
+        check_group_size(quantizable_linears(model, cfg.skip), cfg.group_size)
+        tok = getattr(ctx, "tokenizer", None)
+        if tok is None:
+            raise QuantArgError("hf-quant: method=awq needs the model's tokenizer for calibration data")
+        ids, calib_info = _get_calibration(tok, o, model)
+        log = awq_quantize_model(
+            model, ids, cfg, n_grid=int(o["n_grid"]), clip=bool(o["clip"]), clip_grid=int(o["clip_grid"]),
+            max_shrink=float(o["max_shrink"]), quantize=True, device=getattr(ctx, "device", None),
+            batch_size=int(o["calib_batch"]) or None, progress=bool(getattr(ctx, "progress", True)),
+        )
+        alphas = list(log["alpha"].values())
+        extra = {
+            "calibration": calib_info,
+            "awq": {
+                "n_grid": int(o["n_grid"]), "clip": bool(o["clip"]), "clip_grid": int(o["clip_grid"]),
+                "max_shrink": float(o["max_shrink"]), "alpha": log["alpha"],
+                "alpha_mean": (sum(alphas) / len(alphas)) if alphas else None,
+                "unscaled": log["unscaled"], "clip_mean": log["clip_mean"],
+                "rtn_outside_layers": log["rtn_outside_layers"],
+            },
+        }
+        return QuantReport(quantized=log["quantized"], modified=log["modified"],
+                           seconds=time.perf_counter() - t0, extra=extra)

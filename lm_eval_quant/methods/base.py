@@ -1,0 +1,293 @@
+"""The method interface every quantization algorithm implements, and the shared config.
+
+A method is one file with one class: it says which options it takes (`OPTIONS`), checks a config
+cheaply (`validate`), may add `from_pretrained` arguments (`load_kwargs`, used by bitsandbytes),
+and quantizes an already loaded Hugging Face model in place (`quantize`). Bit accounting comes
+from `accounting` (default: the format's bits plus its per-block statistics).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import QuantArgError
+from ..formats import canonical_format
+
+MIN_BITS, MAX_BITS = 2, 8
+DEFAULT_SKIP = ("lm_head",)
+
+
+@dataclass
+class QuantConfig:
+    method: str = "none"
+    bits: int = 16
+    group_size: int = 128
+    format: str = "int"
+    sym: bool = False
+    skip: tuple[str, ...] = DEFAULT_SKIP
+    options: dict = field(default_factory=dict)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method == "none" or self.bits == 16
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["skip"] = list(self.skip)
+        d["options"] = {k: _jsonable(v) for k, v in sorted(self.options.items())}
+        return d
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return str(v)
+
+
+@dataclass
+class QuantContext:
+    """What a method may use besides the model: the tokenizer (for calibration data), the
+    compute device (the model itself may stay on CPU), a seed, and whether to show progress."""
+
+    tokenizer: Any = None
+    device: torch.device | str = "cpu"
+    seed: int = 0
+    progress: bool = True
+    model_id: str | None = None
+
+
+@dataclass
+class QuantReport:
+    quantized: list[str] = field(default_factory=list)  # module names quantized
+    modified: list[str] = field(default_factory=list)  # parameter names whose values changed
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class Method:
+    """Base class. Subclasses set `name`, `OPTIONS` and implement `quantize`."""
+
+    name = "base"
+    needs_calibration = False
+    default_format = "int"
+    # option name -> (type, default); types: int, float, bool, str
+    OPTIONS: dict[str, tuple[type, Any]] = {}
+
+    def check_format(self, cfg: QuantConfig) -> str:
+        """Return the canonical format name or raise QuantArgError."""
+        try:
+            return canonical_format(cfg.format, cfg.bits)
+        except ValueError as e:
+            raise QuantArgError(f"hf-quant: {e}") from None
+
+    def validate(self, cfg: QuantConfig) -> None:  # pragma: no cover - default accepts
+        """Cheap checks without the model; raise QuantArgError with one line."""
+
+    def load_kwargs(self, cfg: QuantConfig) -> dict:
+        """Extra keyword arguments for `from_pretrained` (e.g. a quantization_config)."""
+        return {}
+
+    def quantize(self, model: nn.Module, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
+        raise NotImplementedError
+
+    def accounting(self, model: nn.Module, cfg: QuantConfig, report: QuantReport) -> dict:
+        from ..accounting import account
+
+        return account(model, cfg, report.quantized, extra_bits=report.extra.get("extra_bits"))
+
+
+# --------------------------------------------------------------------------------------------
+# argument parsing: strings from --model_args to a typed, validated QuantConfig
+# --------------------------------------------------------------------------------------------
+_TRUE = {"true", "1", "yes", "on", "y", "t"}
+_FALSE = {"false", "0", "no", "off", "n", "f"}
+
+
+def parse_bool(name: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    s = str(v).strip().lower()
+    if s in _TRUE:
+        return True
+    if s in _FALSE:
+        return False
+    raise QuantArgError(f"hf-quant: {name} must be true or false, got {v!r}")
+
+
+def parse_int(name: str, v: Any) -> int:
+    if isinstance(v, bool):
+        raise QuantArgError(f"hf-quant: {name} must be an integer, got {v!r}")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        if v.is_integer():
+            return int(v)
+        raise QuantArgError(f"hf-quant: {name} must be an integer, got {v!r}")
+    s = str(v).strip()
+    try:
+        return int(s)
+    except ValueError:
+        try:
+            f = float(s)
+        except ValueError:
+            raise QuantArgError(f"hf-quant: {name} must be an integer, got {v!r}") from None
+        if f.is_integer():
+            return int(f)
+        raise QuantArgError(f"hf-quant: {name} must be an integer, got {v!r}") from None
+
+
+def parse_float(name: str, v: Any) -> float:
+    if isinstance(v, bool):
+        raise QuantArgError(f"hf-quant: {name} must be a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise QuantArgError(f"hf-quant: {name} must be a number, got {v!r}") from None
+
+
+def parse_skip(v: Any) -> tuple[str, ...]:
+    """`skip=lm_head|*.mlp.down_proj` (separators | ; or space; model_args use commas).
+    `skip=none` quantizes every linear, the output head included."""
+    if v is None:
+        return DEFAULT_SKIP
+    if isinstance(v, (list, tuple)):
+        items = [str(x) for x in v]
+    else:
+        s = str(v).strip()
+        if s.lower() in ("none", "", "[]"):
+            return ()
+        items = [x for x in s.replace(";", "|").replace(" ", "|").split("|") if x]
+    return tuple(items)
+
+
+def parse_option(method: str, name: str, typ: type, v: Any) -> Any:
+    if typ is bool:
+        return parse_bool(name, v)
+    if typ is int:
+        return parse_int(name, v)
+    if typ is float:
+        return parse_float(name, v)
+    return str(v)
+
+
+# --------------------------------------------------------------------------------------------
+# model helpers shared by methods
+# --------------------------------------------------------------------------------------------
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except Exception:  # pragma: no cover
+        return None
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    c1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (c1d is not None and isinstance(module, c1d))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    c1d = _conv1d_type()
+    return c1d is not None and isinstance(module, c1d)
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """A module name matches a skip pattern if the pattern matches the whole name, its last
+    component, or any dotted suffix of it (so `lm_head` and `mlp.down_proj` both work)."""
+    parts = name.split(".")
+    suffixes = [".".join(parts[i:]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(s, p) for p in patterns for s in suffixes)
+
+
+def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[tuple[str, nn.Module]]:
+    """Every nn.Linear / transformers Conv1D of the model, except those matching `skip`.
+
+    Embeddings are never linears; the output head is excluded by the default skip ('lm_head')
+    and also by identity when the model says which module is its output embedding.
+    """
+    try:
+        out_emb = model.get_output_embeddings()
+    except Exception:
+        out_emb = None
+    result = []
+    for name, mod in model.named_modules():
+        if not is_quantizable(mod):
+            continue
+        if matches(name, skip):
+            continue
+        if mod is out_emb and skip and any(matches("lm_head", (p,)) for p in skip):
+            continue
+        result.append((name, mod))
+    return result
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as [out, in] (Conv1D stores [in, out])."""
+    w = module.weight.data
+    return w.t() if is_conv1d(module) else w
+
+
+def set_weight_matrix(module: nn.Module, w_out_in: torch.Tensor) -> None:
+    w = w_out_in.t() if is_conv1d(module) else w_out_in
+    module.weight.data.copy_(w.to(module.weight.dtype))
+
+
+def untie_if_shared(model: nn.Module, module: nn.Module) -> None:
+    """Give `module` its own weight tensor when it is tied to another parameter (e.g. an output
+    head tied to the input embeddings), so quantizing it leaves the other one intact."""
+    w = module.weight
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if p is w:
+            continue
+        if p.data_ptr() == w.data_ptr():
+            module.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+            if hasattr(model.config, "tie_word_embeddings"):
+                model.config.tie_word_embeddings = False
+            return
+    emb = None
+    try:
+        emb = model.get_input_embeddings()
+    except Exception:
+        pass
+    if emb is not None and getattr(emb, "weight", None) is w:
+        module.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        if hasattr(model.config, "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False
+
+
+def check_group_size(linears: list[tuple[str, nn.Module]], group_size: int) -> None:
+    """One line naming the first layer whose input width the group size does not divide."""
+    if group_size == -1:
+        return
+    for name, mod in linears:
+        in_f = weight_matrix(mod).shape[1]
+        if in_f % group_size:
+            raise QuantArgError(
+                f"hf-quant: group_size={group_size} does not divide in_features={in_f} of layer "
+                f"{name}; use a divisor of it or group_size=-1 (per channel)"
+            )
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *a):
+        self.seconds = time.perf_counter() - self.t0
+
+
+ProgressFn = Callable[[int], None]

@@ -1,0 +1,336 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022): our own implementation.
+
+``GPTQSolver`` is the algorithm for one linear layer (the paper's reference ``gptq.py`` in one
+readable class); ``GPTQ`` is the :class:`Method` that runs it decoder layer by decoder layer on
+calibration data (``methods.layerwise`` + ``methods.calibration``).
+
+Per linear with weight W [out, in] and calibration inputs X:
+
+1. ``H = 2 X Xᵀ / N``, a running mean over batches (float32), from the layer's real inputs.
+2. Dead inputs (``H[i,i] == 0``): ``H[i,i] = 1``, ``W[:, i] = 0``.
+3. ``act_order``: columns permuted by descending ``diag(H)``; ``g_idx`` maps each original column to
+   its group.  ``static_groups``: group statistics are fitted up front on the unpermuted W.
+4. ``H += damp · mean(diag H) · I``; ``U = upper Cholesky factor of H⁻¹``.  When the factorisation
+   fails, damp is multiplied by 10 and retried (a warning; ``QuantReport.extra["damp_retries"]``).
+5. Columns in blocks of ``block_size``: for column i, fit the group's statistics (with ``fmt.fit``)
+   when a new group starts -- on the current, already error-updated weights of that group --,
+   ``q = fmt.fake(w_i)``, ``err = (w_i − q) / U[i,i]``, ``W[:, i:] −= err · U[i, i:]`` inside the block,
+   then all later columns get the block's accumulated error in one matrix product.  (The block is
+   enlarged/shrunk to a multiple of the group size so that every group lies inside one block; the
+   result of the lazy update does not depend on the block size.)
+
+Every number format of :mod:`lm_eval_quant.formats` works (int sym/asym, fp, nf, dynamic).
+Within a decoder layer, with ``true_sequential`` (default) the linears are quantized in the order
+the forward calls them, grouped by shared input (q/k/v → o → gate/up → down), each group seeing the
+outputs of the already-quantized earlier ones.
+
+Options (``model_args``): damp=0.01, block_size=128, act_order=False, static_groups=False,
+true_sequential=True, calib=c4, nsamples=128, seqlen=2048, calib_seed=0, keep_qstate=False,
+calib_batch=0 (samples per forward; 0 = about 4096 tokens).
+With ``keep_qstate=True`` the report's ``extra["qstate"][name]`` holds ``codes`` (uint8 [out, in], in
+the original column order), ``scale``/``zero`` (float32 [out, n_groups]; zero None for grid formats),
+``g_idx`` (int32 [in], group of each original column), ``perm`` (int64 [in] or None), ``group_size``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from lm_eval_quant.errors import QuantArgError
+from lm_eval_quant.formats import Format, QParams, make_format, quantize_weight
+from lm_eval_quant.methods.base import (Method, QuantConfig, QuantContext, QuantReport, check_group_size,
+                                       quantizable_linears, set_weight_matrix, untie_if_shared, weight_matrix)
+from lm_eval_quant.methods.calibration import get_calibration, model_max_seqlen, validate_calib_args
+from lm_eval_quant.methods.layerwise import LayerStep, find_decoder_layers, run_layerwise
+
+__all__ = ["GPTQSolver", "GPTQ"]
+
+
+class GPTQSolver:
+    """GPTQ for one linear layer: feed it inputs with :meth:`add_batch`, then call :meth:`quantize`.
+
+    ``add_batch(x)`` accepts any [..., in_features] tensor.  ``quantize(...)`` returns a dict with
+    ``w_hat`` [out, in] float32 (original column order) and, when ``keep_qstate``, the integer state.
+    The solver does not touch the module; the caller writes ``w_hat`` back.
+    """
+
+    def __init__(self, weight: torch.Tensor, device: torch.device | None = None):
+        """``weight`` is the [out, in] matrix (any dtype); H lives on ``device`` (default: weight's)."""
+        self.weight = weight
+        self.rows, self.columns = weight.shape
+        self.device = device or weight.device
+        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.device)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Running mean of 2·x xᵀ over all tokens seen so far."""
+        x = x.reshape(-1, x.shape[-1]).to(device=self.device, dtype=torch.float32)
+        n = x.shape[0]
+        if n == 0:
+            return
+        total = self.nsamples + n
+        if self.nsamples:
+            self.H.mul_(self.nsamples / total)
+        self.nsamples = total
+        self.H.addmm_(x.t(), x, alpha=2.0 / total)
+
+    # ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _upper_chol_of_inverse(H: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float, int]:
+        """U with Uᵀ U = (H + λ I)⁻¹, λ = damp·mean(diag H); damp ×10 per failed try."""
+        mean_diag = torch.mean(torch.diag(H)).item()
+        if not math.isfinite(mean_diag) or mean_diag <= 0:
+            mean_diag = 1.0
+        eye = torch.arange(H.shape[0], device=H.device)
+        base = H.diagonal().clone()
+        d = damp
+        for attempt in range(max_tries):
+            H.diagonal().copy_(base + d * mean_diag)
+            L, info = torch.linalg.cholesky_ex(H)
+            if int(info) == 0:
+                Hinv = torch.cholesky_inverse(L)
+                U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if int(info2) == 0 and bool(torch.isfinite(U).all()):
+                    return U, d, attempt
+            d = d * 10.0 if d > 0 else 1e-4
+        raise RuntimeError(f"Cholesky failed even with damp={d / 10:g}")
+
+    @torch.no_grad()
+    def quantize(self, fmt: Format, group_size: int = -1, damp: float = 0.01, block_size: int = 128,
+                 act_order: bool = False, static_groups: bool = False, keep_qstate: bool = False) -> dict:
+        W = self.weight.to(device=self.device, dtype=torch.float32).clone()
+        H = self.H
+        self.H = None  # free as we go
+        rows, cols = W.shape
+        gs = cols if group_size in (-1, None) or group_size >= cols else int(group_size)
+        if cols % gs:
+            raise QuantArgError(f"hf-quant: group_size={group_size} does not divide in_features={cols}")
+        n_groups = cols // gs
+
+        dead = torch.diag(H) == 0
+        n_dead = int(dead.sum())
+        if n_dead:
+            H[dead, dead] = 1.0
+            W[:, dead] = 0.0
+
+        static_qp: list[QParams] | None = None
+        if static_groups:
+            static_qp = [fmt.fit(W[:, g * gs:(g + 1) * gs]) for g in range(n_groups)]
+
+        perm = None
+        if act_order:
+            perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+            W = W[:, perm]
+            H = H[perm][:, perm]
+
+        U, damp_used, retries = self._upper_chol_of_inverse(H, damp)
+        del H
+
+        # Each group must be fitted on its current (error-updated) weights: make every group either lie
+        # inside one block (gs < bs: bs a multiple of gs) or start at a block start (gs >= bs: bs divides
+        # gs).  The lazy update gives the same result for any block size.
+        bs = max(1, int(block_size))
+        if gs < bs:
+            bs = (bs // gs) * gs
+        else:
+            bs = next(d for d in range(bs, 0, -1) if gs % d == 0)
+
+        Q = torch.empty_like(W)
+        codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device) if keep_qstate else None
+        scales = torch.empty(rows, n_groups, dtype=torch.float32, device=W.device)
+        zeros = torch.empty(rows, n_groups, dtype=torch.float32, device=W.device) if fmt.kind == "int" else None
+        loss = torch.zeros((), dtype=torch.float64, device=W.device)
+
+        perm_l = perm.tolist() if perm is not None else None
+        qp = None
+        for i1 in range(0, cols, bs):
+            i2 = min(i1 + bs, cols)
+            W1 = W[:, i1:i2].clone()
+            Q1 = torch.empty_like(W1)
+            Err1 = torch.empty_like(W1)
+            U1 = U[i1:i2, i1:i2]
+            diag1 = torch.diagonal(U1).tolist()
+            for i in range(i2 - i1):
+                col = i1 + i
+                if static_qp is not None:
+                    qp = static_qp[perm_l[col] // gs]
+                elif col % gs == 0:
+                    # current (error-updated) weights of the group
+                    qp = fmt.fit(W[:, col:col + gs] if i == 0 else W1[:, i:i + gs])
+                    g = col // gs
+                    scales[:, g] = qp.scale[:, 0]
+                    if zeros is not None:
+                        zeros[:, g] = qp.zero[:, 0]
+                w = W1[:, i:i + 1]
+                q = fmt.fake(w, qp)
+                if codes is not None:
+                    codes[:, col:col + 1] = fmt.quantize(w, qp)
+                Q1[:, i:i + 1] = q
+                err = (w - q).div_(diag1[i])
+                Err1[:, i:i + 1] = err
+                if i + 1 < i2 - i1:
+                    W1[:, i + 1:].addmm_(err, U1[i:i + 1, i + 1:], alpha=-1.0)
+            Q[:, i1:i2] = Q1
+            loss += Err1.double().pow(2).sum() / 2
+            if i2 < cols:
+                W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+
+        if static_qp is not None:
+            for g, p in enumerate(static_qp):
+                scales[:, g] = p.scale[:, 0]
+                if zeros is not None:
+                    zeros[:, g] = p.zero[:, 0]
+
+        # g_idx: group of each ORIGINAL column
+        if perm is not None:
+            invperm = torch.argsort(perm)
+            Q = Q[:, invperm]
+            if codes is not None:
+                codes = codes[:, invperm]
+            if static_qp is not None:
+                g_idx = torch.arange(cols, device=W.device) // gs
+            else:
+                g_idx = invperm // gs
+        else:
+            g_idx = torch.arange(cols, device=W.device) // gs
+        out: dict[str, Any] = {"w_hat": Q, "loss": float(loss), "damp": damp_used, "retries": retries,
+                               "dead": n_dead}
+        if keep_qstate:
+            out["qstate"] = {"codes": codes.cpu(), "scale": scales.cpu(),
+                             "zero": None if zeros is None else zeros.cpu(),
+                             "g_idx": g_idx.to(torch.int32).cpu(),
+                             "perm": None if perm is None else perm.cpu(), "group_size": gs}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+class GPTQ(Method):
+    name = "gptq"
+    needs_calibration = True
+    OPTIONS = {
+        "damp": (float, 0.01),
+        "block_size": (int, 128),
+        "act_order": (bool, False),
+        "static_groups": (bool, False),
+        "true_sequential": (bool, True),
+        "calib": (str, "c4"),
+        "nsamples": (int, 128),
+        "seqlen": (int, 2048),
+        "calib_seed": (int, 0),
+        "keep_qstate": (bool, False),
+        "calib_batch": (int, 0),
+    }
+
+    def _opts(self, cfg: QuantConfig) -> dict:
+        o = {k: d for k, (_, d) in self.OPTIONS.items()}
+        o.update(cfg.options or {})
+        return o
+
+    def validate(self, cfg: QuantConfig) -> None:
+        try:
+            make_format(cfg.format, cfg.bits, cfg.sym)
+        except ValueError as e:
+            raise QuantArgError(f"hf-quant: method=gptq: {e}") from None
+        if cfg.group_size != -1 and cfg.group_size <= 0:
+            raise QuantArgError(f"hf-quant: group_size={cfg.group_size} must be -1 (per output channel) or a positive integer")
+        o = self._opts(cfg)
+        damp = float(o["damp"])
+        if not (0 < damp < 10) or not math.isfinite(damp):
+            raise QuantArgError(f"hf-quant: damp={o['damp']} must be a small positive number, e.g. damp=0.01")
+        if int(o["block_size"]) <= 0:
+            raise QuantArgError(f"hf-quant: block_size={o['block_size']} must be a positive integer, e.g. 128")
+        if int(o["calib_batch"]) < 0:
+            raise QuantArgError(f"hf-quant: calib_batch={o['calib_batch']} must be >= 0 (0 = automatic)")
+        validate_calib_args(o["calib"], o["nsamples"], o["seqlen"], o["calib_seed"])
+
+    def quantize(self, model: nn.Module, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
+        t0 = time.perf_counter()
+        self.validate(cfg)
+        o = self._opts(cfg)
+        fmt = make_format(cfg.format, cfg.bits, cfg.sym)
+        find_decoder_layers(model)  # one clear line before calibration when the layers are unknown
+        all_lin = quantizable_linears(model, cfg.skip)
+        check_group_size(all_lin, cfg.group_size)
+        names = {n for n, _ in all_lin}
+        tok = getattr(ctx, "tokenizer", None)
+        if tok is None:
+            raise QuantArgError("hf-quant: method=gptq needs the model's tokenizer for calibration data")
+        ids, calib_info = get_calibration(tok, o["calib"], int(o["nsamples"]), int(o["seqlen"]),
+                                          int(o["calib_seed"]), max_seqlen=model_max_seqlen(model))
+        damp, block = float(o["damp"]), int(o["block_size"])
+        act_order, static = _as_bool(o["act_order"]), _as_bool(o["static_groups"])
+        keep, seq = _as_bool(o["keep_qstate"]), _as_bool(o["true_sequential"])
+        modified: list[str] = []
+        quantized: list[str] = []
+        retries: dict[str, float] = {}
+        losses: dict[str, float] = {}
+        qstate: dict[str, dict] = {}
+        dead_total = 0
+        seed = getattr(ctx, "seed", 0)
+        if seed is not None:
+            torch.manual_seed(int(seed))
+
+        def quantize_layer(step: LayerStep):
+            nonlocal dead_total
+            lin = [(n, m) for n, m in step.linears() if n in names]
+            if not lin:
+                return
+            groups = step.linear_groups(linears=lin) if seq else [lin]
+            for group in groups:
+                solvers = {n: GPTQSolver(weight_matrix(m), step.device) for n, m in group}
+                handles = []
+                for n, m in group:
+                    def hook(mod, args, _s=solvers[n]):
+                        _s.add_batch(args[0])
+                    handles.append(m.register_forward_pre_hook(hook))
+                try:
+                    step.forward(stop_after=[m for _, m in group])
+                finally:
+                    for h in handles:
+                        h.remove()
+                for n, m in group:
+                    res = solvers[n].quantize(fmt, cfg.group_size, damp, block, act_order, static, keep)
+                    del solvers[n]
+                    set_weight_matrix(m, res["w_hat"])
+                    modified.append(n + ".weight")
+                    quantized.append(n)
+                    losses[n] = res["loss"]
+                    dead_total += res["dead"]
+                    if res["retries"]:
+                        retries[n] = res["damp"]
+                        warnings.warn(f"gptq: Cholesky failed for {n} with damp={damp:g}; succeeded with damp={res['damp']:g}")
+                    if keep:
+                        qstate[n] = res["qstate"]
+
+        run_layerwise(model, ids, quantize_layer, device=getattr(ctx, "device", None),
+                      batch_size=int(o["calib_batch"]) or None, progress=bool(getattr(ctx, "progress", True)),
+                      desc="gptq")
+        # linears outside the decoder layers (e.g. lm_head with skip=none): round-to-nearest
+        rtn_outside = []
+        for n, m in all_lin:
+            if n not in quantized:
+                untie_if_shared(model, m)
+                set_weight_matrix(m, quantize_weight(weight_matrix(m), fmt, cfg.group_size).w_hat)
+                quantized.append(n)
+                modified.append(n + ".weight")
+                rtn_outside.append(n)
+        extra: dict[str, Any] = {"calibration": calib_info, "damp": damp, "act_order": act_order,
+                                 "static_groups": static, "true_sequential": seq, "block_size": block,
+                                 "damp_retries": retries, "dead_inputs": dead_total, "loss": losses,
+                                 "rtn_outside_layers": rtn_outside}
+        if keep:
+            extra["qstate"] = qstate
+        return QuantReport(quantized=quantized, modified=modified, seconds=time.perf_counter() - t0, extra=extra)

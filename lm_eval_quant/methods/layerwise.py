@@ -1,0 +1,459 @@
+"""Shared decoder-layer-by-decoder-layer runner for calibration-based methods (GPTQ, AWQ).
+
+How it works
+------------
+1. :func:`find_decoder_layers` locates the stack of decoder layers (``model.model.layers``,
+   ``model.transformer.h``, ``model.model.decoder.layers``, ``model.gpt_neox.layers``, ...).
+2. :func:`capture_layer_inputs` runs the model on the calibration tokens (in small batches) with a
+   forward pre-hook on decoder layer 0 that records the layer's positional args and keyword args
+   (hidden states, attention mask, ``position_embeddings``, ``position_ids``, ...) and then stops the
+   forward.  Nothing after the embeddings is computed.
+3. :func:`run_layerwise` walks the layers in order.  For each layer it moves only that layer to the
+   compute device, builds a :class:`LayerStep` and calls ``callback(step)``.  The callback quantizes
+   the layer in place; it may register hooks on sub-modules and call :meth:`LayerStep.forward` as
+   many times as it likes (the inputs are the outputs of the already-quantized previous layers).
+   Afterwards the runner recomputes the layer's outputs *with the quantized layer* and writes them
+   over the stored inputs (batch by batch, in place), which become the next layer's inputs.
+
+Peak memory is the model + one layer's working set + the calibration activations (kept in the model
+dtype, one tensor per batch).
+
+Typical callback (collect the inputs of every linear, then quantize)::
+
+    def quantize_layer(step: LayerStep):
+        groups = step.linear_groups(skip)          # [[(name, module), ...], ...] in call order
+        for group in groups:
+            stats = {n: Stats() for n, _ in group}
+            hooks = [m.register_forward_hook(...) for n, m in group]
+            step.forward(stop_after=[m for _, m in group])   # stops once the group has run
+            for h in hooks: h.remove()
+            ...quantize the group...
+
+    run_layerwise(model, input_ids, quantize_layer, device=ctx.device, progress=ctx.progress)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from lm_eval_quant.errors import QuantArgError
+
+__all__ = [
+    "LAYER_PATHS",
+    "find_decoder_layers",
+    "capture_layer_inputs",
+    "CapturedInputs",
+    "LayerStep",
+    "run_layerwise",
+    "is_linear",
+    "layer_linears",
+    "default_batch_size",
+]
+
+# Attribute paths where HF causal LMs keep their decoder layers (first match wins).
+LAYER_PATHS: tuple[str, ...] = (
+    "model.layers",  # llama, mistral, qwen2, gemma, phi3, olmo, ...
+    "model.decoder.layers",  # opt
+    "transformer.h",  # gpt2, gpt-j, bloom, falcon, codegen
+    "gpt_neox.layers",  # pythia / gpt-neox
+    "transformer.layers",  # chatglm-like
+    "model.language_model.layers",  # multimodal wrappers
+    "language_model.model.layers",
+    "transformer.blocks",  # mpt
+    "backbone.layers",
+    "layers",
+    "h",
+)
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (caught by this module)."""
+
+
+def _get_attr_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return ``(path, layers)``: the dotted attribute path and the ``nn.ModuleList`` of decoder layers.
+
+    Raises :class:`QuantArgError` (one line naming the attributes looked for) when none is found.
+    """
+    for path in LAYER_PATHS:
+        obj = _get_attr_path(model, path)
+        if isinstance(obj, (nn.ModuleList, nn.Sequential)) and len(obj) > 0:
+            return path, obj
+    raise QuantArgError(
+        f"hf-quant: cannot find the decoder layers of {type(model).__name__}: looked for "
+        f"{', '.join(LAYER_PATHS)} (a non-empty nn.ModuleList); layer-wise methods (gptq, awq) "
+        "need one of them, rtn does not"
+    )
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or transformers' Conv1D (GPT-2 style, weight stored [in, out])."""
+    if isinstance(module, nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def layer_linears(layer: nn.Module, prefix: str = "", skip: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
+    """Quantizable linears inside one decoder layer, as ``(full_name, module)`` in module order.
+
+    ``full_name`` is ``prefix + "." + local_name``; names matching any fnmatch pattern in ``skip``
+    (matched against the full name and the local name) are left out.
+    """
+    skip = tuple(skip or ())
+    out = []
+    for local, mod in layer.named_modules():
+        if not local or not is_linear(mod):
+            continue
+        full = f"{prefix}.{local}" if prefix else local
+        if any(fnmatch.fnmatch(full, p) or fnmatch.fnmatch(local, p) for p in skip):
+            continue
+        out.append((full, mod))
+    return out
+
+
+def default_batch_size(seqlen: int, tokens_per_batch: int = 4096) -> int:
+    """Calibration samples per forward batch: about ``tokens_per_batch`` tokens, at least 1."""
+    return max(1, tokens_per_batch // max(1, int(seqlen)))
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Structural equality with torch.equal on tensors (used to share identical kwargs across batches)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and torch.equal(a, b)
+        )
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return a is b or bool(a == b)
+    except Exception:
+        return False
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    raise TypeError(f"cannot read the hidden states from a decoder layer output of type {type(out)}")
+
+
+@dataclass
+class CapturedInputs:
+    """Inputs of decoder layer 0, one entry per calibration batch.
+
+    hidden[b]: hidden-states tensor of batch b ([bs, seqlen, hidden], model dtype).
+    args[b]:   the other positional args of the layer call (tuple, may be empty).
+    kwargs[b]: the keyword args of the layer call; identical dicts are shared between batches.
+    """
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+    @property
+    def nsamples(self) -> int:
+        return sum(int(h.shape[0]) for h in self.hidden)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    try:
+        emb = model.get_input_embeddings()
+        return next(emb.parameters()).device
+    except Exception:
+        return next(model.parameters()).device
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    batch_size: int | None = None,
+    layers: nn.ModuleList | None = None,
+) -> CapturedInputs:
+    """Run ``model`` on ``input_ids`` [n, seqlen] in batches and record what decoder layer 0 receives.
+
+    The forward stops at layer 0 (a pre-hook raises), so only the embeddings etc. run.  Tensors stay on
+    the device where the model produced them.  Keyword args equal to the previous batch's are shared
+    (one causal mask / rotary table for all batches of the same shape).
+    """
+    if layers is None:
+        _, layers = find_decoder_layers(model)
+    if input_ids.dim() != 2:
+        raise ValueError("input_ids must be [nsamples, seqlen]")
+    n, seqlen = input_ids.shape
+    bs = batch_size or default_batch_size(seqlen)
+    cap = CapturedInputs()
+    state: dict = {}
+
+    def pre_hook(module, args, kwargs):
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        state["hidden"], state["args"], state["kwargs"] = hidden, rest, dict(kwargs)
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    dev = _input_device(model)
+    cfg = getattr(model, "config", None)
+    old_use_cache = getattr(cfg, "use_cache", None)
+    if cfg is not None and old_use_cache is not None:
+        cfg.use_cache = False
+    try:
+        for start in range(0, n, bs):
+            ids = input_ids[start : start + bs].to(dev)
+            state.clear()
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+            if "hidden" not in state:
+                raise RuntimeError("decoder layer 0 was never called during the calibration forward")
+            kw = state["kwargs"]
+            kw.pop("past_key_values", None)
+            kw.pop("past_key_value", None)
+            kw.pop("layer_past", None)
+            if "use_cache" in kw:
+                kw["use_cache"] = False
+            args = tuple(None if type(a).__name__.endswith("Cache") else a for a in state["args"])
+            if cap.kwargs and _same(cap.kwargs[-1], kw):
+                kw = cap.kwargs[-1]
+            if cap.args and _same(cap.args[-1], args):
+                args = cap.args[-1]
+            cap.hidden.append(state["hidden"])
+            cap.args.append(args)
+            cap.kwargs.append(kw)
+    finally:
+        handle.remove()
+        if cfg is not None and old_use_cache is not None:
+            cfg.use_cache = old_use_cache
+    return cap
+
+
+class LayerStep:
+    """What a layer callback gets: one decoder layer (already on the compute device) and its inputs.
+
+    Attributes: ``index`` (layer number), ``name`` (e.g. ``"model.layers.3"``), ``layer`` (module),
+    ``device``, ``inputs`` (list of hidden-state batches on ``device``; outputs of the quantized
+    previous layers), ``args``/``kwargs`` (per batch, on ``device``), ``nsamples``.
+    Do not modify ``inputs``; the runner overwrites them with this layer's outputs after the callback.
+    """
+
+    def __init__(self, index: int, name: str, layer: nn.Module, device: torch.device,
+                 inputs: list[torch.Tensor], args: list[tuple], kwargs: list[dict]):
+        self.index = index
+        self.name = name
+        self.layer = layer
+        self.device = device
+        self.inputs = inputs
+        self.args = args
+        self.kwargs = kwargs
+
+    @property
+    def nsamples(self) -> int:
+        return sum(int(h.shape[0]) for h in self.inputs)
+
+    def linears(self, skip: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
+        """Quantizable linears of this layer (full names), minus ``skip`` patterns."""
+        return layer_linears(self.layer, self.name, skip)
+
+    @torch.no_grad()
+    def forward(self, collect: bool = False, stop_after: Sequence[nn.Module] | None = None,
+                batches: Iterable[int] | None = None) -> list[torch.Tensor] | None:
+        """Run the layer on every calibration batch (or the given batch indices).
+
+        collect:    return the list of output hidden states (one tensor per batch).
+        stop_after: modules; the forward of a batch ends as soon as all of them have run (saves the
+                    rest of the layer when only their inputs are needed; incompatible with collect).
+        """
+        if collect and stop_after:
+            raise ValueError("collect and stop_after cannot be combined")
+        handles, pending = [], set()
+        if stop_after:
+            targets = {id(m) for m in stop_after}
+
+            def post_hook(module, args, out):
+                pending.discard(id(module))
+                if not pending:
+                    raise _StopForward
+
+            for m in stop_after:
+                handles.append(m.register_forward_hook(post_hook))
+        outs: list[torch.Tensor] = []
+        try:
+            for b in (range(len(self.inputs)) if batches is None else batches):
+                if stop_after:
+                    pending.clear()
+                    pending.update(targets)
+                try:
+                    out = self.layer(self.inputs[b], *self.args[b], **self.kwargs[b])
+                except _StopForward:
+                    continue
+                if collect:
+                    outs.append(_first_output(out))
+        finally:
+            for h in handles:
+                h.remove()
+        return outs if collect else None
+
+    @torch.no_grad()
+    def linear_groups(self, skip: Iterable[str] = (), linears: list[tuple[str, nn.Module]] | None = None
+                      ) -> list[list[tuple[str, nn.Module]]]:
+        """The layer's linears grouped by shared input, in the order the forward calls them.
+
+        Runs the layer once on (a slice of) the first batch, records the order in which the linears are
+        called and which input tensor each receives; linears fed the very same tensor (q/k/v;
+        gate/up) form one group.  Linears never called during the forward are appended, each alone.
+        E.g. Llama: [[q,k,v],[o],[gate,up],[down]]; GPT-2: [[c_attn],[attn.c_proj],[c_fc],[mlp.c_proj]].
+        """
+        if linears is None:
+            linears = self.linears(skip)
+        by_id = {id(m): (n, m) for n, m in linears}
+        calls: list[tuple[int, torch.Tensor]] = []  # (module id, input); keeps inputs alive so ids stay unique
+
+        def pre(module, args):
+            if id(module) in by_id and not any(c[0] == id(module) for c in calls):
+                calls.append((id(module), args[0]))
+
+        handles = [m.register_forward_pre_hook(pre) for _, m in linears]
+        try:
+            x = self.inputs[0][:1]
+            args, kwargs = self.args[0], self.kwargs[0]
+            args = _map_tensors(args, lambda t: t[:1] if t.dim() > 0 and t.shape[0] == self.inputs[0].shape[0] and t.shape[0] > 1 else t)
+            kwargs = _map_tensors(kwargs, lambda t: t[:1] if t.dim() > 0 and t.shape[0] == self.inputs[0].shape[0] and t.shape[0] > 1 else t)
+            self.layer(x, *args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        groups: list[list[tuple[str, nn.Module]]] = []
+        seen_inputs: list[torch.Tensor] = []
+        for mid, inp in calls:
+            for gi, t in enumerate(seen_inputs):
+                if t is inp:
+                    groups[gi].append(by_id[mid])
+                    break
+            else:
+                seen_inputs.append(inp)
+                groups.append([by_id[mid]])
+        called = {mid for mid, _ in calls}
+        for n, m in linears:
+            if id(m) not in called:
+                groups.append([(n, m)])
+        return groups
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    callback: Callable[[LayerStep], Any],
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    desc: str = "quantizing layers",
+) -> list[Any]:
+    """Quantize ``model`` decoder layer by decoder layer; returns the callback's return values.
+
+    model:      HF causal LM (any device; layers are moved to ``device`` one at a time and back).
+    input_ids:  LongTensor [nsamples, seqlen] of calibration tokens (see calibration.get_calibration).
+    callback:   ``callback(step: LayerStep)``; quantizes ``step.layer`` in place.
+    device:     compute device (default: where layer 0 lives).
+    batch_size: calibration samples per forward (default ~4096 tokens per batch).
+    """
+    path, layers = find_decoder_layers(model)
+    bs = batch_size or default_batch_size(input_ids.shape[1])
+    was_training = model.training
+    model.eval()
+    cap = capture_layer_inputs(model, input_ids, bs, layers)
+    if device is None:
+        try:
+            device = next(layers[0].parameters()).device
+        except StopIteration:
+            device = cap.hidden[0].device
+    device = torch.device(device)
+
+    def to_dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device)
+
+    hidden = [h.to(device) for h in cap.hidden]
+    # move args/kwargs, keeping the sharing of identical objects
+    memo: dict[int, Any] = {}
+
+    def moved(obj):
+        if id(obj) not in memo:
+            memo[id(obj)] = _map_tensors(obj, to_dev)
+        return memo[id(obj)]
+
+    args = [moved(a) for a in cap.args]
+    kwargs = [moved(k) for k in cap.kwargs]
+    del cap, memo
+
+    results = []
+    it = range(len(layers))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(it, desc=desc, unit="layer")
+        it = bar
+    try:
+        for i in it:
+            layer = layers[i]
+            try:
+                orig_dev = next(layer.parameters()).device
+            except StopIteration:
+                orig_dev = device
+            if orig_dev != device:
+                layer.to(device)
+            step = LayerStep(i, f"{path}.{i}", layer, device, hidden, args, kwargs)
+            results.append(callback(step))
+            # outputs of the quantized layer become the next layer's inputs (in place, batch by batch)
+            for b in range(len(hidden)):
+                out = _first_output(layer(hidden[b], *args[b], **kwargs[b]))
+                hidden[b] = out.to(hidden[b].dtype)
+            if orig_dev != device:
+                layer.to(orig_dev)
+    finally:
+        if bar is not None:
+            bar.close()
+        if was_training:
+            model.train()
+    return results

@@ -1,0 +1,16 @@
+"""The full-precision baseline: nothing is quantized, the same code path is used."""
+
+from __future__ import annotations
+
+from .base import Method, QuantConfig, QuantContext, QuantReport
+
+
+class NoQuant(Method):
+    name = "none"
+    default_format = "none"
+
+    def check_format(self, cfg: QuantConfig) -> str:
+        return "none"
+
+    def quantize(self, model, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
+        return QuantReport()

@@ -1,0 +1,49 @@
+"""Round-to-nearest: every weight block quantized independently to its nearest grid point.
+
+No data is needed. Works with every number format (int sym/asym, fp, nf, dynamic) and any group
+size; the work is one vectorised `quantize_weight` call per linear layer.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..formats import make_format, quantize_weight
+from .base import (
+    Method,
+    QuantConfig,
+    QuantContext,
+    QuantReport,
+    check_group_size,
+    quantizable_linears,
+    set_weight_matrix,
+    untie_if_shared,
+    weight_matrix,
+)
+
+
+class RTN(Method):
+    name = "rtn"
+
+    @torch.no_grad()
+    def quantize(self, model, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
+        t0 = time.perf_counter()
+        fmt = make_format(cfg.format, cfg.bits, cfg.sym)
+        linears = quantizable_linears(model, cfg.skip)
+        check_group_size(linears, cfg.group_size)
+        report = QuantReport()
+        device = torch.device(ctx.device) if ctx.device is not None else None
+        for name, mod in tqdm(linears, desc=f"rtn {cfg.bits}-bit", unit="layer", disable=not ctx.progress):
+            untie_if_shared(model, mod)
+            W = weight_matrix(mod)
+            src = W.device
+            Wc = W.to(device) if (device is not None and device.type != src.type) else W
+            res = quantize_weight(Wc, fmt, cfg.group_size)
+            set_weight_matrix(mod, res.w_hat.to(src))
+            report.quantized.append(name)
+            report.modified.append(f"{name}.weight")
+        report.seconds = time.perf_counter() - t0
+        return report

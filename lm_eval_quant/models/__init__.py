@@ -1,0 +1,1 @@
+"""lm-eval model wrappers (layer 3)."""

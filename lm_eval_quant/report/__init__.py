@@ -1,0 +1,111 @@
+"""``lm-eval-quant report DIR…``: tables, plots and the memory-budget answer from harness results.
+
+Python API::
+
+    from lm_eval_quant.report import make_report
+    rep = make_report(["out/"], "out/report", metric=None, budget_gb=4.0)
+    rep.table            # report.table.Table (rows, columns, means)
+    rep.files            # {"markdown": ..., "csv": ..., "scaling_png": ..., "pareto_png": ..., ...}
+    rep.best             # the Row the budget picked (or None)
+
+Modules: ``collect`` (find and read results files, one Run per model × precision), ``table``
+(metric choice, categories, means, markdown/CSV), ``plots`` (scaling and Pareto PNGs, budget
+answer), ``cli`` (``main(argv) -> int``). Nothing here imports torch or lm_eval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .collect import Run, collect
+from .plots import best_under, plot_pareto, plot_scaling, write_points_csv
+from .table import Row, Table, build_table, row_markdown, to_csv, to_markdown
+
+__all__ = ["make_report", "Report", "collect", "build_table", "Table", "Row", "Run",
+           "budget_answer"]
+
+
+@dataclass
+class Report:
+    table: Table
+    metric: str
+    files: dict[str, Path] = field(default_factory=dict)
+    best: Row | None = None
+    budget_gb: float | None = None
+    scaling_points: list = field(default_factory=list)
+    pareto_points: list = field(default_factory=list)
+    markdown: str = ""
+
+
+def budget_answer(table: Table, metric: str, budget_gb: float) -> tuple[Row | None, str]:
+    """(row, text): the best model/precision under ``budget_gb`` and its evidence row."""
+    best = best_under(table, metric, budget_gb)
+    label = table.metric_label(metric)
+    if best is None:
+        sized = [r for r in table.rows if r.run.model_gb is not None
+                 and table.value(r, metric) is not None]
+        if not sized:
+            return None, f"No run has both a model size and {label}."
+        small = min(sized, key=lambda r: r.run.model_gb)
+        return None, (f"Nothing fits in {budget_gb:g} GB: the smallest run is {small.run.label} "
+                      f"at {small.run.model_gb:.4g} GB.")
+    v = table.value(best, metric)
+    n_fit = sum(1 for r in table.rows if r.run.model_gb is not None
+                and r.run.model_gb <= budget_gb and table.value(r, metric) is not None)
+    err = best.stderrs.get(metric)
+    ve = f"{v:.4f}" + (f" ± {err:.4f}" if err is not None else "")
+    text = (f"Best under {budget_gb:g} GB: {best.run.label} ({best.family}) — "
+            f"{best.run.model_gb:.4g} GB, {label} = {ve} "
+            f"(best of {n_fit} run(s) that fit; "
+            f"{'higher' if table.higher_is_better(metric) else 'lower'} is better)\n\n"
+            "Evidence:\n\n" + row_markdown(table, best))
+    return best, text
+
+
+def make_report(paths, out_dir, metric: str | None = None, budget_gb: float | None = None,
+                task_metric: dict | None = None, families: dict | None = None,
+                tasks: list | None = None, leaves: bool = False, plots: bool = True,
+                title: str | None = None) -> Report:
+    """Collect results under ``paths`` and write report.md, report.csv, scaling.png/.csv and
+    pareto.png/.csv into ``out_dir``. Bad arguments raise QuantArgError (one line) before any
+    file is written."""
+    runs = collect(paths)
+    table = build_table(runs, task_metric=task_metric, families=families, tasks=tasks,
+                        leaves=leaves)
+    m = table.resolve_metric(metric)
+    if budget_gb is not None and not budget_gb > 0:
+        from lm_eval_quant.errors import QuantArgError
+
+        raise QuantArgError(f"report: --budget-gb must be a positive number of GB, got {budget_gb}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = Report(table=table, metric=m, budget_gb=budget_gb)
+    md = to_markdown(table)
+    parts = [f"# {title or 'lm-eval-quant report'}\n",
+             f"{len(table.rows)} run(s) from {sum(len(r.run.files) for r in table.rows)} "
+             f"results file(s). Plot/budget metric: {table.metric_label(m)}.\n"]
+    if table.mean_tasks:
+        parts.append("`mean` = mean of: " + ", ".join(table.mean_tasks) + ".\n")
+    for cat, ts in table.category_tasks.items():
+        parts.append(f"`{cat} mean` = mean of: {', '.join(ts)}.\n")
+    for n in table.notes:
+        parts.append(f"Note: {n}.\n")
+    parts.append("\n" + md)
+    if budget_gb is not None:
+        rep.best, text = budget_answer(table, m, budget_gb)
+        parts.append("\n## Memory budget\n\n" + text)
+    if plots:
+        rep.scaling_points = plot_scaling(table, m, out / "scaling.png", title=title)
+        rep.pareto_points = plot_pareto(table, m, out / "pareto.png", budget_gb=budget_gb)
+        rep.files["scaling_png"] = out / "scaling.png"
+        rep.files["pareto_png"] = out / "pareto.png"
+        rep.files["scaling_csv"] = write_points_csv(rep.scaling_points, out / "scaling_points.csv")
+        rep.files["pareto_csv"] = write_points_csv(rep.pareto_points, out / "pareto_points.csv")
+        parts.append("\n## Plots\n\n![scaling](scaling.png)\n\n![pareto](pareto.png)\n")
+    rep.markdown = "\n".join(parts)
+    (out / "report.md").write_text(rep.markdown, encoding="utf-8")
+    (out / "report.csv").write_text(to_csv(table), encoding="utf-8")
+    rep.files["markdown"] = out / "report.md"
+    rep.files["csv"] = out / "report.csv"
+    return rep

@@ -1,0 +1,200 @@
+"""Run ONE sweep cell in this (fresh) process: ``python -m lm_eval_quant.sweep.cell CELL_DIR``.
+
+Reads ``CELL_DIR/cell.json`` (written by the runner), evaluates all the cell's tasks with one
+``lm_eval.simple_evaluate`` call on the ``hf-quant`` model (so the model is loaded and quantized
+once for all tasks), and saves the results with lm-eval's own ``EvaluationTracker`` — the same
+``results_<timestamp>.json`` the ``lm_eval`` CLI writes with ``--output_path``, plus a top-level
+``"sweep"`` key with the cell's labels. The commit protocol, so a SIGKILL at any instant leaves
+either a finished cell or none:
+
+1. the tracker writes into ``CELL_DIR/.tmp-<pid>/`` (not a results location);
+2. the file is fsync'ed and ``os.replace``'d to ``CELL_DIR/results_<timestamp>.json`` (atomic);
+3. ``CELL_DIR/DONE`` (JSON: key, results file, seconds) is written by temp + rename + fsync.
+
+A cell counts as finished when DONE names an existing results file and carries the cell's key.
+On failure the cell writes ``CELL_DIR/error.txt`` (one line) and exits 1 (2 for a QuantArgError).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from lm_eval_quant.sweep._io import CELL_JSON, DONE, ERROR, atomic_write_text, fsync_dir
+
+
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """The one-line form of an error: a QuantArgError's own message, else ``Type: first line``."""
+    from lm_eval_quant.errors import QuantArgError
+
+    msg = " ".join(str(exc).split())
+    if not isinstance(exc, QuantArgError):
+        msg = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return msg if len(msg) <= limit else msg[: limit - 1] + "…"
+
+
+def task_include_paths(harness: dict) -> list[str]:
+    paths = harness.get("include_path") or []
+    if isinstance(paths, str):
+        paths = [p for p in paths.split(":") if p]
+    paths = [str(Path(p).expanduser().resolve()) for p in paths]
+    try:
+        from lm_eval_quant import task_dir
+
+        td = task_dir()
+        if td.is_dir() and any(td.rglob("*.yaml")) and str(td) not in paths:
+            paths.append(str(td))
+    except Exception:  # noqa: BLE001
+        pass
+    return paths
+
+
+def make_task_manager(tasks: list[str], harness: dict):
+    """A TaskManager over the include paths (+ our task_configs). ``include_defaults: auto``
+    first indexes only those (fast) and adds lm-eval's ~10 s built-in index only when a task
+    is not found there. Returns (manager, missing task names)."""
+    from lm_eval.tasks import TaskManager
+
+    paths = task_include_paths(harness)
+    inc = harness.get("include_defaults", "auto")
+    if inc == "auto":
+        if paths:
+            tm = TaskManager(include_path=paths, include_defaults=False)
+            missing = [t for t in tasks if not tm.match_tasks([t])]
+            if not missing:
+                return tm, []
+        inc = True
+    tm = TaskManager(include_path=paths or None, include_defaults=bool(inc))
+    missing = [t for t in tasks if not tm.match_tasks([t])]
+    return tm, missing
+
+
+def run_cell(cell_dir: Path) -> int:
+    t0 = time.time()
+    cell_dir = Path(cell_dir).resolve()
+    cfg = json.loads((cell_dir / CELL_JSON).read_text(encoding="utf-8"))
+    (cell_dir / ERROR).unlink(missing_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    harness = dict(cfg["harness"])
+
+    times: dict[str, float] = {}
+
+    def lap(name: str, t=[t0]) -> None:
+        now = time.time()
+        times[name] = round(now - t[0], 2)
+        t[0] = now
+
+    import lm_eval_quant
+
+    lm_eval_quant.register()
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+
+    from lm_eval_quant.errors import QuantArgError
+
+    lap("imports")
+    tasks = list(cfg["tasks"])
+    tm, missing = make_task_manager(tasks, harness)
+    lap("task_index")
+    if missing:
+        raise QuantArgError(
+            f"unknown task(s) {missing}; check the names or add their folder to include_path"
+        )
+    tmp = cell_dir / f".tmp-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tracker = EvaluationTracker(output_path=str(tmp))
+    seed = harness.get("seed")
+    seeds = {}
+    if seed is not None:
+        s = list(seed) if isinstance(seed, list) else [seed] * 4
+        seeds = dict(random_seed=s[0], numpy_random_seed=s[1], torch_random_seed=s[2], fewshot_random_seed=s[3])
+    kw = {k: harness[k] for k in ("limit", "batch_size", "max_batch_size", "num_fewshot", "apply_chat_template",
+                                  "fewshot_as_multiturn", "system_instruction", "device", "gen_kwargs",
+                                  "bootstrap_iters") if harness.get(k) is not None}
+    log_samples = bool(harness.get("log_samples", False))
+    results = simple_evaluate(
+        model=cfg["lm_eval_model"],
+        model_args=cfg["model_args"],
+        tasks=tasks,
+        task_manager=tm,
+        evaluation_tracker=tracker,
+        log_samples=log_samples,
+        **kw,
+        **seeds,
+    )
+    lap("evaluate")
+    if results is None:  # non-zero rank in a distributed run: nothing to save here
+        return 0
+    samples = results.pop("samples", None) if log_samples else None
+    results.pop("samples", None)
+    results["sweep"] = dict(cfg["labels"], seconds=round(time.time() - t0, 3))
+    tracker.save_results_aggregated(results=results, samples=samples)
+    if log_samples and samples:
+        for task_name in results.get("configs", {}):
+            if task_name in samples:
+                tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    written = sorted(tmp.rglob("*.json*"))
+    res_files = [p for p in written if p.name.startswith("results_")]
+    if len(res_files) != 1:
+        raise RuntimeError(f"expected one results file from lm-eval's tracker, found {len(res_files)}")
+    # samples first, results last: the results file's appearance is the commit point
+    for p in written:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    for p in written:
+        if p not in res_files:
+            os.replace(p, cell_dir / p.name)
+    final = cell_dir / res_files[0].name
+    os.replace(res_files[0], final)
+    fsync_dir(cell_dir)
+    done = {
+        "key": cfg["key"],
+        "cell": cfg["name"],
+        "results": final.name,
+        "seconds": round(time.time() - t0, 3),
+        "finished_at": time.time(),
+        "pid": os.getpid(),
+    }
+    atomic_write_text(cell_dir / DONE, json.dumps(done, indent=2))
+    _rm_tree(tmp)
+    lap("save")
+    print(f"[lm-eval-quant sweep cell] {cfg['name']} finished; seconds: {times}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _rm_tree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m lm_eval_quant.sweep.cell CELL_DIR", file=sys.stderr)
+        return 2
+    cell_dir = Path(argv[0])
+    try:
+        return run_cell(cell_dir)
+    except BaseException as e:  # noqa: BLE001
+        from lm_eval_quant.errors import QuantArgError
+
+        if isinstance(e, SystemExit) and not e.code:
+            return 0
+        traceback.print_exc()
+        _rm_tree(cell_dir / f".tmp-{os.getpid()}")
+        line = one_line(e)
+        try:
+            atomic_write_text(cell_dir / ERROR, line + "\n")
+        except OSError:
+            pass
+        print(f"lm-eval-quant sweep cell: error: {line}", file=sys.stderr)
+        return 2 if isinstance(e, QuantArgError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,483 @@
+"""The sweep runner: expands a spec into cells, skips finished ones, runs the rest (each in a fresh
+subprocess, via the local or the Ray launcher), logs every event to an append-only, fsync'ed
+``sweep_log.jsonl`` and keeps ``sweep_status.json`` (atomic) up to date.
+
+Output folder layout::
+
+    OUT/
+      sweep_spec.json          the resolved spec of the latest run
+      sweep_log.jsonl          append-only run log (one JSON event per line, with timestamps)
+      sweep_status.json        one entry per cell: status, results path, error line, seconds
+      cells/<cell>/            one folder per cell
+        cell.json              what the cell runs (model_args string, tasks, harness options, key)
+        results_<ts>.json      lm-eval's own results JSON (+ a top-level "sweep" key)
+        DONE                   the finished marker (key, results file name, seconds)
+        cell.log               the cell process's stdout/stderr
+        error.txt              the one-line error of a failed cell
+      .stale/                  results of cells whose config changed (kept, never read as current)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lm_eval_quant.errors import QuantArgError
+from lm_eval_quant.sweep._io import CELL_JSON, DONE, ERROR, atomic_write_text
+from lm_eval_quant.sweep.spec import Cell, SweepSpec
+
+LOG_NAME = "sweep_log.jsonl"
+STATUS_NAME = "sweep_status.json"
+SPEC_NAME = "sweep_spec.json"
+CELLS_DIR = "cells"
+STALE_DIR = ".stale"
+LAUNCHERS = ("local", "ray")
+
+
+@dataclass
+class CellResult:
+    """Outcome of one cell. status: ``done`` (ran now), ``skipped_done`` (finished by an earlier
+    run, not redone), ``failed`` (error_line says why), ``skipped`` (invalid combination, never
+    run; error_line is the reason)."""
+
+    name: str
+    status: str
+    results_path: str | None = None
+    error_line: str | None = None
+    seconds: float = 0.0
+    key: str = ""
+    labels: dict = field(default_factory=dict)
+    model_args: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SweepResult:
+    out_dir: Path
+    cells: list[CellResult]
+    log_path: Path
+    status_path: Path
+
+    @property
+    def finished(self) -> list[CellResult]:
+        return [c for c in self.cells if c.status in ("done", "skipped_done")]
+
+    @property
+    def failed(self) -> list[CellResult]:
+        return [c for c in self.cells if c.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def results_paths(self) -> list[Path]:
+        return [Path(c.results_path) for c in self.finished if c.results_path]
+
+    def table(self) -> str:
+        rows = [("cell", "status", "seconds", "error / results")]
+        for c in self.cells:
+            rows.append((c.name, c.status, f"{c.seconds:.1f}",
+                         c.error_line or (Path(c.results_path).name if c.results_path else "")))
+        w = [max(len(r[i]) for r in rows) for i in range(3)]
+        return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:>{w[2]}}  {r[3]}" for r in rows)
+
+
+# ------------------------------------------------------------------------------------ run log
+class RunLog:
+    """Append-only JSONL log; every line is flushed and fsync'ed before the call returns."""
+
+    def __init__(self, path: Path, run_id: str):
+        self.path = Path(path)
+        self.run_id = run_id
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def event(self, event: str, **kw) -> None:
+        now = time.time()
+        rec = {"t": round(now, 6), "time": datetime.fromtimestamp(now, timezone.utc).isoformat(),
+               "run": self.run_id, "event": event}
+        rec.update(kw)
+        self._f.write(json.dumps(rec, default=str) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass
+
+
+def read_log(out_dir) -> list[dict]:
+    """The run log's events (a torn last line, from a kill mid-write, is ignored)."""
+    p = Path(out_dir) / LOG_NAME
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def load_status(out_dir) -> list[CellResult]:
+    """The cells of the latest run in ``out_dir`` as recorded in its ``sweep_status.json``."""
+    p = Path(out_dir) / STATUS_NAME
+    if not p.is_file():
+        return []
+    d = json.loads(p.read_text(encoding="utf-8"))
+    return [CellResult(**c) for c in d.get("cells", [])]
+
+
+# ------------------------------------------------------------------------------------ cell state
+def finished_results(cell_dir: Path, key: str) -> Path | None:
+    """The results file of a finished cell with this key, else None."""
+    done = cell_dir / DONE
+    if not done.is_file():
+        return None
+    try:
+        d = json.loads(done.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if d.get("key") != key:
+        return None
+    res = cell_dir / str(d.get("results", ""))
+    return res if res.is_file() and res.name.startswith("results_") else None
+
+
+def _results_key(p: Path) -> str | None:
+    try:
+        return json.loads(p.read_text(encoding="utf-8")).get("sweep", {}).get("key")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _prepare_cell_dir(out_dir: Path, cell_dir: Path, cell: Cell, log: RunLog) -> Path | None:
+    """Make ``cell_dir`` ready for a (re)run. Returns a results path when the cell turns out to be
+    finished after all (killed between the results rename and the DONE marker: recovered)."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    for p in cell_dir.glob(".tmp-*"):  # leftovers of a killed cell process
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in cell_dir.glob(".*.tmp-*"):
+        p.unlink(missing_ok=True)
+    results = sorted(cell_dir.glob("results_*.json"))
+    same = [p for p in results if _results_key(p) == cell.key]
+    if same:  # committed results of this very config without a DONE marker: finish the commit
+        keep = same[-1]
+        done = {"key": cell.key, "cell": cell.name, "results": keep.name, "seconds": 0.0,
+                "finished_at": keep.stat().st_mtime, "recovered": True}
+        atomic_write_text(cell_dir / DONE, json.dumps(done, indent=2))
+        log.event("cell_recovered", cell=cell.name, key=cell.key, results=keep.name)
+        return keep
+    stale = [p for p in cell_dir.iterdir() if p.name.startswith("results_") or p.name.startswith("samples_")]
+    old_done = cell_dir / DONE
+    if stale or old_done.exists():
+        old_key = "unknown"
+        try:
+            old_key = json.loads(old_done.read_text()).get("key", "unknown") if old_done.exists() else "partial"
+        except (OSError, json.JSONDecodeError):
+            pass
+        dest = out_dir / STALE_DIR / f"{cell.name}-{old_key}-{int(time.time())}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in stale + ([old_done] if old_done.exists() else []):
+            os.replace(p, dest / p.name)
+        log.event("cell_stale_moved", cell=cell.name, key=cell.key, old_key=old_key, to=str(dest))
+    (cell_dir / ERROR).unlink(missing_ok=True)
+    return None
+
+
+def _write_cell_json(cell_dir: Path, cell: Cell) -> None:
+    atomic_write_text(cell_dir / CELL_JSON, json.dumps(cell.to_dict(), indent=2, default=str))
+
+
+def _error_line(cell_dir: Path, rc: int | None, timed_out: bool = False, timeout: float | None = None) -> str:
+    if timed_out:
+        return f"cell exceeded cell_timeout={timeout}s and was killed"
+    p = cell_dir / ERROR
+    if p.is_file():
+        line = p.read_text(encoding="utf-8").strip()
+        if line:
+            return line.splitlines()[0]
+    tail = ""
+    log = cell_dir / "cell.log"
+    if log.is_file():
+        lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        tail = lines[-1][:300] if lines else ""
+    if rc is not None and rc < 0:
+        try:
+            sig = signal.Signals(-rc).name
+        except ValueError:
+            sig = f"signal {-rc}"
+        msg = f"cell process killed by {sig}" + (" (out of memory?)" if -rc == signal.SIGKILL else "")
+    else:
+        msg = f"cell process exited with code {rc}"
+    return msg + (f": {tail}" if tail else "")
+
+
+# ------------------------------------------------------------------------------------ subprocess
+def cell_env(extra: dict | None = None) -> dict:
+    """Environment of a cell process: ours, the package importable, tokenizers quiet."""
+    env = dict(os.environ)
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    pp = env.get("PYTHONPATH", "")
+    if pkg_root not in pp.split(os.pathsep):
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + pp if pp else "")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _die_with_parent() -> None:  # preexec_fn: the cell dies if the sweep process dies (Linux)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def run_cell_subprocess(cell_dir: Path, env: dict | None = None, timeout: float | None = None,
+                        on_start=None, python: str | None = None) -> tuple[int | None, bool]:
+    """Run ``python -m lm_eval_quant.sweep.cell cell_dir``; returns (returncode, timed_out)."""
+    cell_dir = Path(cell_dir)
+    with open(cell_dir / "cell.log", "ab") as logf:
+        proc = subprocess.Popen(
+            [python or sys.executable, "-m", "lm_eval_quant.sweep.cell", str(cell_dir)],
+            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env if env is not None else cell_env(), cwd=str(cell_dir),
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        if on_start:
+            on_start(proc.pid)
+        try:
+            rc = proc.wait(timeout=timeout)
+            return rc, False
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return proc.returncode, True
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+
+
+# ------------------------------------------------------------------------------------ checks
+def _precheck(spec: SweepSpec, cells: list[Cell]) -> None:
+    """Cheap checks before any cell runs: local model folders exist, task names resolve."""
+    for m in spec.models:
+        p = m.pretrained
+        looks_local = p.startswith(("/", "./", "../", "~")) or Path(p).exists() or p.count("/") > 1
+        if looks_local and not Path(p).expanduser().exists():
+            raise QuantArgError(f"sweep: model folder {p} does not exist (give a local folder or a hub id)")
+    if not any(c.skip_reason is None for c in cells):
+        return
+    from lm_eval_quant.sweep.cell import make_task_manager
+
+    import logging
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    _, missing = make_task_manager(list(spec.tasks), dict(spec.harness))
+    if missing:
+        raise QuantArgError(
+            f"sweep: unknown task(s) {missing}; check the names (lm-eval-quant ls tasks) or add their folder to include_path"
+        )
+
+
+class _Lock:
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / ".lock"
+        self.f = None
+
+    def __enter__(self):
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.seek(0)
+            who = self.f.read().strip() or "?"
+            self.f.close()
+            raise QuantArgError(f"sweep: another sweep (pid {who}) is running in {self.path.parent}; wait for it or use another --out") from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(str(os.getpid()))
+        self.f.flush()
+        return self
+
+    def __exit__(self, *a):
+        try:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_UN)
+            self.f.close()
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------------------------ main entry
+def run_sweep(spec, out_dir, launcher: str = "local", ray_address: str | None = None, progress: bool = True,
+              retry_failed: bool = True, dry_run: bool = False, check: bool = True) -> SweepResult:
+    """Run (or resume) a sweep. ``spec``: a SweepSpec, a dict, or the path of a YAML spec.
+
+    Cells already finished in ``out_dir`` with the same config key are not redone
+    (``skipped_done``); a cell whose config changed is rerun (its old results move to
+    ``.stale/``). A failing cell is recorded with its one-line error and the sweep goes on.
+    ``retry_failed=False`` leaves cells that failed in an earlier run alone (status ``failed``).
+    ``dry_run`` only expands and reports the cells (status ``planned``/``skipped``/``skipped_done``).
+    """
+    if launcher not in LAUNCHERS:
+        raise QuantArgError(f"sweep: unknown launcher {launcher!r}; use {' or '.join(LAUNCHERS)}")
+    spec = SweepSpec.load(spec)
+    cells = spec.cells()
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QuantArgError(f"sweep: --out {out_dir} exists and is not a folder")
+    if launcher == "ray" and not dry_run:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise QuantArgError("sweep: --launcher ray needs Ray: pip install 'lm-eval-quant[ray]'") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _Lock(out_dir):
+        return _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_failed, dry_run, check)
+
+
+def _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_failed, dry_run, check) -> SweepResult:
+    from tqdm.auto import tqdm
+
+    run_id = uuid.uuid4().hex[:12]
+    log = RunLog(out_dir / LOG_NAME, run_id)
+    status_path = out_dir / STATUS_NAME
+    results: dict[str, CellResult] = {}
+    prev_status = {c.name: c for c in load_status(out_dir)}
+
+    def res_of(cell: Cell, status: str, **kw) -> CellResult:
+        return CellResult(name=cell.name, status=status, key=cell.key, labels=cell.labels(),
+                          model_args=cell.model_args_string(), **kw)
+
+    def save_status() -> None:
+        cur = [results.get(c.name) or res_of(c, "pending") for c in cells]
+        atomic_write_text(status_path, json.dumps(
+            {"name": spec.name, "run": run_id, "updated": time.time(), "out_dir": str(out_dir),
+             "cells": [c.to_dict() for c in cur]}, indent=2, default=str))
+
+    try:
+        todo: list[Cell] = []
+        for cell in cells:
+            cdir = out_dir / CELLS_DIR / cell.name
+            if cell.skip_reason:
+                results[cell.name] = res_of(cell, "skipped", error_line=cell.skip_reason)
+                continue
+            fin = finished_results(cdir, cell.key)
+            if fin is not None:
+                results[cell.name] = res_of(cell, "skipped_done", results_path=str(fin),
+                                            seconds=_done_seconds(cdir))
+                continue
+            prev = prev_status.get(cell.name)
+            if (not retry_failed and prev is not None and prev.status == "failed" and prev.key == cell.key):
+                results[cell.name] = prev
+                continue
+            todo.append(cell)
+        if dry_run:
+            for c in todo:
+                results[c.name] = res_of(c, "planned")
+            return SweepResult(out_dir, [results[c.name] for c in cells], out_dir / LOG_NAME, status_path)
+        if check and todo:
+            _precheck(spec, todo)
+        atomic_write_text(out_dir / SPEC_NAME, json.dumps(spec.to_dict(), indent=2, default=str))
+        log.event("sweep_start", name=spec.name, launcher=launcher, pid=os.getpid(), cells=len(cells),
+                  to_run=len(todo), already_done=sum(r.status == "skipped_done" for r in results.values()),
+                  skipped=sum(r.status == "skipped" for r in results.values()))
+        for cell in cells:
+            r = results.get(cell.name)
+            if r is not None and r.status == "skipped_done":
+                log.event("cell_skipped_done", cell=cell.name, key=cell.key, results=r.results_path)
+            elif r is not None and r.status == "skipped":
+                log.event("cell_skipped", cell=cell.name, key=cell.key, reason=r.error_line)
+        # prepare folders (recover half-committed cells)
+        runnable: list[Cell] = []
+        for cell in todo:
+            cdir = out_dir / CELLS_DIR / cell.name
+            rec = _prepare_cell_dir(out_dir, cdir, cell, log)
+            if rec is not None:
+                results[cell.name] = res_of(cell, "skipped_done", results_path=str(rec))
+                continue
+            _write_cell_json(cdir, cell)
+            runnable.append(cell)
+        save_status()
+        bar = tqdm(total=len(cells), desc=f"sweep {spec.name}", unit="cell", disable=not progress,
+                   initial=len(cells) - len(runnable), dynamic_ncols=True)
+        try:
+            if launcher == "local":
+                _launch_local(runnable, out_dir, log, results, res_of, save_status, bar, spec)
+            else:
+                from lm_eval_quant.sweep.ray_launcher import launch_ray
+
+                launch_ray(runnable, out_dir, log, results, res_of, save_status, bar, spec, ray_address)
+        finally:
+            bar.close()
+        save_status()
+        final = [results[c.name] for c in cells]
+        log.event("sweep_end", done=sum(c.status == "done" for c in final),
+                  skipped_done=sum(c.status == "skipped_done" for c in final),
+                  failed=sum(c.status == "failed" for c in final),
+                  skipped=sum(c.status == "skipped" for c in final))
+        return SweepResult(out_dir, final, out_dir / LOG_NAME, status_path)
+    except KeyboardInterrupt:
+        log.event("sweep_interrupted")
+        raise
+    finally:
+        log.close()
+
+
+def _done_seconds(cdir: Path) -> float:
+    try:
+        return float(json.loads((cdir / DONE).read_text()).get("seconds", 0.0))
+    except (OSError, json.JSONDecodeError, ValueError):
+        return 0.0
+
+
+def finish_cell(cell: Cell, cdir: Path, rc, timed_out, seconds, log, results, res_of, timeout=None,
+                **extra) -> CellResult:
+    """Record a cell whose process has ended (shared by the launchers)."""
+    fin = finished_results(cdir, cell.key)
+    if rc == 0 and fin is not None:
+        r = res_of(cell, "done", results_path=str(fin), seconds=round(seconds, 3))
+        log.event("cell_done", cell=cell.name, key=cell.key, seconds=round(seconds, 3), results=str(fin), **extra)
+    else:
+        line = _error_line(cdir, rc, timed_out, timeout)
+        if rc == 0:
+            line = "cell process ended without writing its results"
+        r = res_of(cell, "failed", error_line=line, seconds=round(seconds, 3))
+        log.event("cell_failed", cell=cell.name, key=cell.key, seconds=round(seconds, 3), rc=rc, error=line, **extra)
+    results[cell.name] = r
+    return r
+
+
+def _launch_local(cells, out_dir, log, results, res_of, save_status, bar, spec) -> None:
+    env = cell_env()
+    timeout = spec.harness.get("cell_timeout")
+    for cell in cells:
+        cdir = out_dir / CELLS_DIR / cell.name
+        bar.set_postfix_str(cell.name, refresh=True)
+        t0 = time.time()
+        rc, timed_out = run_cell_subprocess(
+            cdir, env=env, timeout=timeout,
+            on_start=lambda pid, c=cell: log.event("cell_start", cell=c.name, key=c.key, pid=pid,
+                                                   model_args=c.model_args_string()))
+        finish_cell(cell, cdir, rc, timed_out, time.time() - t0, log, results, res_of, timeout)
+        save_status()
+        bar.update(1)
