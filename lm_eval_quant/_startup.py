@@ -12,10 +12,6 @@ calls :func:`lm_eval_quant.register`, which adds ``hf-quant`` *after* them (lm-e
 imports its built-ins while the model registry is empty, so registering earlier would hide ``hf``).
 The finder then removes itself. A failure to register is reported in one line and never breaks
 lm_eval itself.
-
-It also chains a ``sys.excepthook`` (installed at that same moment, i.e. only in processes that
-use lm_eval's model registry) that prints an uncaught :class:`lm_eval_quant.errors.QuantArgError`
-as one line, ``lm_eval: error: <msg>``, instead of a traceback.
 """
 
 import sys
@@ -99,28 +95,8 @@ class PostImportFinder:
             pass
 
 
-def _one_line_quant_errors(prev_hook):
-    def hook(exc_type, exc, tb):
-        err = exc
-        seen = 0
-        while err is not None and seen < 10:  # QuantArgError may be wrapped by lm_eval
-            if any(c.__name__ == "QuantArgError" and c.__module__ == "lm_eval_quant.errors"
-                   for c in type(err).__mro__):
-                sys.stderr.write(f"lm_eval: error: {err}\n")
-                sys.stderr.flush()
-                return
-            err = err.__cause__ or err.__context__
-            seen += 1
-        prev_hook(exc_type, exc, tb)
-
-    hook._lmq = True
-    return hook
-
-
 def on_lm_eval_models(module=None) -> None:
     """Callback: register hf-quant now that lm-eval's built-in models are registered."""
-    if not getattr(sys.excepthook, "_lmq", False):
-        sys.excepthook = _one_line_quant_errors(sys.excepthook)
     try:
         import lm_eval_quant
 

@@ -333,12 +333,14 @@ def _block_suffixes(model, names: list[str]) -> tuple[str | None, list[str] | No
 
 
 def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict | None = None,
-                   checkpoint_format: str = "auto", progress: bool = True) -> Path:
+                   checkpoint_format: str = "auto", progress: bool = True, source: str | None = None) -> Path:
     """Write the (fake-)quantized `model` as a GPTQ-format checkpoint in `path`.
 
     `cfg` is the QuantConfig the model was quantized with; `report` its QuantReport (its
     ``quantized`` list names the linears; ``extra["qstate"]`` is used when present); `qstate`
-    overrides the report's. The model is not modified. Returns the output path.
+    overrides the report's (``{}``: ignore it and recover the state from the weights). `source`
+    (the model id it came from) is recorded in the config's quantization meta. The model is not
+    modified. Returns the output path.
     """
     import torch
     from safetensors.torch import save_file
@@ -463,7 +465,7 @@ def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict |
         "format": fmt,
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"lm_eval_quant:{__version__}"],
-                 "lm_eval_quant": {"quant_config": cfg.to_dict()}},
+                 "lm_eval_quant": {"quant_config": cfg.to_dict(), "source": None if source is None else str(source)}},
     }
     if modules_in_block is not None:
         qcfg["block_name_to_quantize"] = block

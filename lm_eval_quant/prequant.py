@@ -37,6 +37,14 @@ BACKENDS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 # tensors that make a module "quantized" in the formats we know
 _PACKED_KEYS = ("qweight", "weight_packed")
+# the storage tensors of those formats (GPTQ/AWQ; compressed-tensors). Kernels may cache
+# derived tensors after their first forward (dequantized weights, repacked layouts): those are
+# not the checkpoint's storage and are not counted.
+_STORAGE_KEYS = {
+    "qweight", "qzeros", "scales", "g_idx",
+    "weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape",
+    "weight_global_scale",
+}
 _SAFETENSORS_BITS = {
     "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8,
     "U8": 8, "U16": 16, "U32": 32, "U64": 64, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8,
@@ -172,8 +180,7 @@ def check_combination(pretrained: Any, cfg: Any, load_kwargs: dict | None = None
     from_pretrained kwargs): the same checks as `check_prequantized`, with the method taken from
     the config (baseline = none)."""
     kw = load_kwargs or {}
-    if kw.get("quantization_config") is not None:
-        return None  # the caller passed its own quantization_config: transformers decides
+    # (HFLM passes the checkpoint's own quantization_config back in; it says nothing new)
     method = None if (cfg is None or getattr(cfg, "is_baseline", False)) else getattr(cfg, "method", None)
     return check_prequantized(
         pretrained,
@@ -323,17 +330,32 @@ def account_prequantized(model, cfg=None) -> dict | None:
         return info
 
     qmods = quantized_modules(model)
+    # The checkpoint's packed tensors as stored (safetensors headers): kernels may repack them
+    # in memory after the first forward (GPTQModel's torch kernel unpacks qzeros to floats), so
+    # the files are the stable truth. Modules not found in the files are read from memory.
+    hdr: dict = {}
+    if ck is not None:
+        try:
+            hdr = safetensors_header_bits(ck)
+        except (OSError, ValueError, struct.error):
+            hdr = {}
     q_tensor_ids: set[int] = set()
     params_q = bits_q = 0
     by_kind: dict[str, int] = {}
+    source = set()
     for name, mod, sd in qmods:
         o, i = _in_out(mod, sd, qc, method)
         params_q += o * i
+        stored = {k: hdr[f"{name}.{k}"][2] for k in _STORAGE_KEYS if f"{name}.{k}" in hdr}
+        use_file = any(k in stored for k in _PACKED_KEYS)
+        source.add("checkpoint" if use_file else "memory")
         for k, t in sd.items():
-            if k == "bias":
-                continue  # a bias is an ordinary unquantized parameter
-            q_tensor_ids.add(id(t))
-            b = _tensor_bits(t)
+            if k in _STORAGE_KEYS:
+                q_tensor_ids.add(id(t))
+        items = stored.items() if use_file else (
+            (k, _tensor_bits(t)) for k, t in sd.items() if k in _STORAGE_KEYS
+        )  # bias: an ordinary unquantized parameter; kernel caches: not storage
+        for k, b in items:
             bits_q += b
             by_kind[k] = by_kind.get(k, 0) + b
     params_total = params_q
@@ -359,13 +381,9 @@ def account_prequantized(model, cfg=None) -> dict | None:
         "quantized_tensor_bits": by_kind,
         "quantization_config": {k: v for k, v in qc_json.items() if k != "meta"},
     }
-    if ck is not None:
-        try:
-            hdr = safetensors_header_bits(ck)
-        except (OSError, ValueError, struct.error):
-            hdr = {}
-        if hdr:
-            pre["checkpoint_tensor_bytes"] = sum(b for _, _, b in hdr.values()) // 8
+    pre["packed_tensors_read_from"] = sorted(source)
+    if hdr:
+        pre["checkpoint_tensor_bytes"] = sum(b for _, _, b in hdr.values()) // 8
     info = {
         "quant_config": _quant_config_dict(qc, method, cfg),
         "params_total": params_total,

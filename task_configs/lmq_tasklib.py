@@ -249,6 +249,9 @@ class Source:
     normalize: Callable | None     # raw rows -> docs (None: rows already in the YAML's schema)
     hub_revisions: tuple = (None,)
     hub_label_names: tuple | None = None  # names of an int "label" column whose features say nothing
+    # built-in tasks name other splits too (training_split: train, ...): locally those are empty, so
+    # the built-in config works unchanged (zero-shot; few-shot offline has nothing to draw from)
+    empty_splits: tuple = ()
 
 
 def _alts(*names):
@@ -280,17 +283,20 @@ SOURCES: dict[str, Source] = {s.key: s for s in [
     Source("truthfulqa_mc", "truthfulqa/truthful_qa", "multiple_choice", None, "validation",
            _alts("truthfulqa/mc_task.json"), _local_json, norm_truthfulqa_mc),
     Source("piqa", "baber/piqa", None, None, "validation", _alts(("piqa/valid.jsonl", "piqa/valid-labels.lst")),
-           _local_with_labels("label", int), None),
+           _local_with_labels("label", int), None, empty_splits=("train",)),
     Source("winogrande", "allenai/winogrande", "winogrande_xl", None, "validation",
-           _alts(("winogrande/dev.jsonl", "winogrande/dev-labels.lst")), _local_with_labels("answer", str), None),
+           _alts(("winogrande/dev.jsonl", "winogrande/dev-labels.lst")), _local_with_labels("answer", str), None,
+           empty_splits=("train",)),
     Source("hellaswag", "Rowan/hellaswag", None, None, "validation",
-           _alts("hellaswag/hellaswag_val.llamacpp_format.jsonl"), _local_json, None),
+           _alts("hellaswag/hellaswag_val.llamacpp_format.jsonl"), _local_json, None, empty_splits=("train",)),
     Source("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", None, "test", _alts("arc/ARC-Challenge-Test.jsonl"),
-           _local_json, None),
+           _local_json, None, empty_splits=("train", "validation")),
     Source("lambada_openai", "EleutherAI/lambada_openai", "default", None, "test",
            _alts("lambada_openai/lambada_test.jsonl"), _local_json, None),
-    Source("boolq", "aps/super_glue", "boolq", None, "validation", _alts("boolq/dev.jsonl"), _local_boolq, None),
-    Source("rte", "nyu-mll/glue", "rte", None, "validation", _alts("rte/dev.tsv"), _local_rte, None),
+    Source("boolq", "aps/super_glue", "boolq", None, "validation", _alts("boolq/dev.jsonl"), _local_boolq, None,
+           empty_splits=("train",)),
+    Source("rte", "nyu-mll/glue", "rte", None, "validation", _alts("rte/dev.tsv"), _local_rte, None,
+           empty_splits=("train",)),
 ]}
 # ARC local rows need the question/choices reshaped even though hub rows do not
 _LOCAL_ONLY_NORMALIZE = {"arc_challenge": norm_arc}
@@ -312,7 +318,8 @@ def load_local(src: Source, root: Path):
             rows = src.read_local(root, files)
             norm = src.normalize or _LOCAL_ONLY_NORMALIZE.get(src.key)
             docs = norm(rows) if norm else rows
-            return datasets.DatasetDict({src.split: _to_dataset(docs)})
+            ds = _to_dataset(docs)
+            return datasets.DatasetDict({src.split: ds, **{k: ds.select([]) for k in src.empty_splits}})
     want = " or ".join("+".join(str(root / f) for f in files) for files in src.local_files)
     raise TaskDataError(f"{src.key}: missing data file {want} ({ENV_VAR}={root}); add it there, "
                         f"or unset {ENV_VAR} to load {src.hub_path} from the Hugging Face Hub")

@@ -320,7 +320,7 @@ def test_end_to_end_simple_evaluate(tiny, toy_task, extra, bpw):
         model="hf-quant",
         model_args=f"pretrained={tiny},method=bnb,{extra}",
         tasks=["lmq_bnb_toy"],
-        task_manager=TaskManager(include_path=str(toy_task)),
+        task_manager=TaskManager(include_path=str(toy_task), include_defaults=False),
         limit=4,
         batch_size=4,
         device="cpu",

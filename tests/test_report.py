@@ -416,3 +416,16 @@ def test_metric_and_family_overrides(study, tmp_path):
     row = next(r for r in t.rows if r.model == "llama-7b" and r.run.bits == 16)
     assert row.values["hellaswag"] == pytest.approx(0.76 - 0.05)     # acc, not acc_norm
     assert math.isclose(t.value(row, "hellaswag"), 0.71)
+
+
+def test_failed_sweep_cells_are_named(study, tmp_path, capsys):
+    (study / "ours" / "sweep_status.json").write_text(json.dumps({"cells": [
+        {"name": "llama-7b__gptq-w2-g128-int", "status": "failed",
+         "error_line": "hf-quant: group_size=48 does not divide in_features=64"},
+        {"name": "llama-7b__rtn-w4-g128-int", "status": "done", "error_line": None}]}))
+    rc = report_main([str(study), "--out", str(tmp_path / "r"), "--no-plots"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.count(" failed: ") == 1
+    assert "Note: sweep cell llama-7b__gptq-w2-g128-int failed: hf-quant: group_size=48" in out
+    assert "llama-7b__gptq-w2-g128-int failed" in (tmp_path / "r" / "report.md").read_text()

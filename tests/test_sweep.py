@@ -222,6 +222,40 @@ def test_cli_bad_input_one_line(argv, needle, capsys, tmp_path):
     assert len(err.splitlines()) == 1
 
 
+def test_cell_dir_commit_states(tmp_path):
+    """finished = DONE with this key naming an existing results file; a results file of this key
+    without DONE (killed between the rename and the marker) is recovered, not rerun; results of
+    another key move to .stale/; temp leftovers of a killed cell are removed."""
+    from lm_eval_quant.sweep.runner import RunLog, _prepare_cell_dir, finished_results
+
+    (cell,) = SweepSpec.from_dict({"models": ["/m/a"], "methods": ["rtn"], "bits": [4], "group_sizes": [32],
+                                   "tasks": ["x"]}).cells(check_methods=False)
+    out = tmp_path / "out"
+    cdir = out / "cells" / cell.name
+    cdir.mkdir(parents=True)
+    log = RunLog(out / "sweep_log.jsonl", "r1")
+    res = cdir / "results_2026-01-01T00-00-00.json"
+    res.write_text(json.dumps({"results": {}, "sweep": {"key": cell.key}}))
+    (cdir / ".tmp-123").mkdir()
+    (cdir / ".tmp-123" / "partial.json").write_text("{")
+    assert finished_results(cdir, cell.key) is None          # no DONE yet
+    assert _prepare_cell_dir(out, cdir, cell, log) == res     # recovered
+    assert finished_results(cdir, cell.key) == res
+    assert not (cdir / ".tmp-123").exists()
+    assert finished_results(cdir, "0" * 16) is None          # another key is not finished
+    # the config changed: the old results and marker move to .stale, the folder is clean
+    other = SweepSpec.from_dict({"models": ["/m/a"], "methods": ["rtn"], "bits": [4], "group_sizes": [32],
+                                 "tasks": ["x"], "limit": 3}).cells(check_methods=False)[0]
+    assert other.name == cell.name and other.key != cell.key
+    assert _prepare_cell_dir(out, cdir, other, log) is None
+    assert not list(cdir.glob("results_*")) and not (cdir / "DONE").exists()
+    (stale,) = list((out / ".stale").iterdir())
+    assert stale.name.startswith(f"{cell.name}-{cell.key}-")
+    assert sorted(p.name for p in stale.iterdir()) == ["DONE", res.name]
+    log.close()
+    assert [e["event"] for e in read_log(out)] == ["cell_recovered", "cell_stale_moved"]
+
+
 # ------------------------------------------------------------------------------ real sweeps
 def _start_sweep(spec_path: Path, out: Path, extra=()) -> subprocess.Popen:
     return subprocess.Popen(
@@ -258,7 +292,7 @@ def test_sweep_sigkill_resume_equals_uninterrupted(world, tmp_path):
         time.sleep(0.2)
     else:
         pytest.fail("sweep did not finish 2 cells in time")
-    time.sleep(0.5)
+    time.sleep(0.3)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL

@@ -60,3 +60,13 @@ def test_ray_launcher_runs_cells_as_ray_tasks(tmp_path, monkeypatch):
     # resuming with the local launcher redoes nothing that Ray finished
     res2 = run_sweep(spec, tmp_path / "out", launcher="local", progress=False, retry_failed=False)
     assert [c.status for c in res2.cells] == ["skipped_done", "skipped_done", "failed"]
+    # the same cells run locally (forked from the cell server) give the same numbers as the
+    # Ray tasks (spawned `python -m lm_eval_quant.sweep.cell` processes)
+    res3 = run_sweep(spec, tmp_path / "local", launcher="local", progress=False, start="fork")
+    st3 = {c.name: c for c in res3.cells}
+    assert [c.status for c in res3.cells] == ["done", "done", "failed"]
+    assert st3["tiny-r__rtnbad-w4-g48-int"].error_line == st["tiny-r__rtnbad-w4-g48-int"].error_line
+    for n in ("tiny-r__none-w16", "tiny-r__rtn-w4-g16-int"):
+        a = json.loads(Path(st[n].results_path).read_text())["results"]
+        b = json.loads(Path(st3[n].results_path).read_text())["results"]
+        assert a == b, n

@@ -347,6 +347,9 @@ def test_suites_from_fixture_files(tm, fixture_dir, monkeypatch):
     assert [rte.doc_to_target(d) for d in _docs(rte)] == [0, 1]
     assert rte.doc_to_choice(_docs(rte)[0]) == ["True", "False"]
 
+    # the built-in configs are unchanged: their train split is there (empty locally)
+    assert pq.config.training_split == "train" and len(pq.dataset["train"]) == 0
+
     tasks = _load(tm, ["capabilities_reasoning"])
     arc = tasks["arc_challenge"]
     ad = _docs(arc)[0]
@@ -394,7 +397,10 @@ def test_hub_rows_are_normalised(monkeypatch):
         {"claim_id": ["0", "1"], "claim": ["a", "b"], "claim_label": [3, 1]},
         features=datasets.Features({"claim_id": datasets.Value("string"), "claim": datasets.Value("string"),
                                     "claim_label": datasets.ClassLabel(names=cf_names)}))
+    halu = datasets.Dataset.from_dict({"knowledge": ["k"], "question": ["q"], "right_answer": ["r"],
+                                       "hallucinated_answer": ["h"]})  # pminervini/HaluEval qa, split "data"
     fake = _FakeHub({("ucsbnlp/liar", None): datasets.DatasetDict({"test": liar}),
+                     ("pminervini/HaluEval", "qa"): datasets.DatasetDict({"data": halu}),
                      ("lucadiliello/fever", None): datasets.DatasetDict({"dev": fever}),
                      ("tdiggelm/climate_fever", None): datasets.DatasetDict({"test": cf})})
     monkeypatch.setattr(datasets, "load_dataset", fake)
@@ -405,6 +411,8 @@ def test_hub_rows_are_normalised(monkeypatch):
     assert ds["label_raw"] == ["SUPPORTS", "NOT_ENOUGH_INFO", "REFUTES"] and ds["label"] == [0, 2, 1]
     ds = lib.load("climate_fever")["test"]
     assert ds["claim"] == ["b"] and ds["label"] == [1]  # DISPUTED dropped
+    ds = lib.load("halueval_qa")["test"]
+    assert ds["answer"] == ["h", "r"] and ds["label"] == [1, 0]
 
 
 # ----------------------------------------------------------------------------- missing data
@@ -524,41 +532,55 @@ def _mirror_with_fixtures(tmp: Path) -> Path:
 
 
 @needs_shared
-def test_lm_eval_cli_limit20_every_group(tmp_path):
-    """Two CLI calls (a task may sit in one group per call): capabilities (= nlu, reasoning,
-    misinformation, hallucination) and kbit_zeroshot, --limit 20, tiny random Llama."""
+def test_lm_eval_limit20_every_group(tm, tmp_path, monkeypatch):
+    """--limit 20 on a tiny random Llama, real shared data (+ fixtures for the files it lacks).
+    A task may sit in only one group per run, so: the stock `lm_eval` CLI with --include_path for
+    `capabilities` (= capabilities_nlu, capabilities_reasoning, misinformation, hallucination), and
+    lm_eval.simple_evaluate in-process for `kbit_zeroshot` (saves a second CLI start-up)."""
     from lm_eval_quant import toy
 
     model_dir = toy.make_tiny_model(tmp_path / "tiny", arch="llama", hidden=32, layers=1, heads=2, max_pos=2048)
     data = _mirror_with_fixtures(tmp_path)
     env = dict(os.environ, LMQ_DATA_DIR=str(data), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
-    results = {}
-    for groups in ["capabilities", "kbit_zeroshot"]:
-        out = tmp_path / f"out_{groups}"
-        cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-               f"pretrained={model_dir},dtype=float32", "--tasks", groups, "--limit", "20",
-               "--include_path", str(TASK_DIR), "--batch_size", "16", "--output_path", str(out)]
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        assert p.returncode == 0, p.stderr[-3000:]
-        files = list(out.rglob("results_*.json"))
-        assert len(files) == 1
-        res = json.loads(files[0].read_text())
-        results.update(res["results"])
-        for name, n in res["n-samples"].items():
-            assert n["effective"] == min(20, n["original"]), name
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+           f"pretrained={model_dir},dtype=float32", "--tasks", "capabilities", "--limit", "20",
+           "--include_path", str(TASK_DIR), "--batch_size", "16", "--output_path", str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    files = list(out.rglob("results_*.json"))
+    assert len(files) == 1
+    res = json.loads(files[0].read_text())
+    results = dict(res["results"])
+    for name, n in res["n-samples"].items():
+        assert n["effective"] == min(20, n["original"]), name
+
+    import lm_eval
+
+    monkeypatch.setenv("LMQ_DATA_DIR", str(data))
+    res2 = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32",
+                                   tasks=["kbit_zeroshot"], limit=20, batch_size=16, device="cpu", task_manager=tm,
+                                   bootstrap_iters=0, log_samples=False)
+    results.update(res2["results"])
+
     for g in OUR_GROUPS:
         assert 0.0 <= results[g]["acc,none"] <= 1.0, g
     assert 0.0 <= results["misinformation"]["macro_f1,none"] <= 1.0
-    for t in ["liar", "liar_binary", "covid_constraint", "climate_fever", "fever", "halueval_qa",
-              "halueval_dialogue", "halueval_summarization"]:
+    leaves = {"capabilities_nlu": ["boolq", "rte"],
+              "capabilities_reasoning": ["arc_challenge", "hellaswag", "winogrande", "piqa"],
+              "misinformation": ["liar", "liar_binary", "covid_constraint", "climate_fever", "fever"],
+              "hallucination": ["halueval_qa", "halueval_dialogue", "halueval_summarization", "truthfulqa_mc1",
+                                "truthfulqa_mc2"],
+              "kbit_zeroshot": ["lambada_openai", "winogrande", "hellaswag", "piqa"]}
+    for t in leaves["misinformation"] + leaves["hallucination"][:3]:
         assert 0.0 <= results[t]["acc,none"] <= 1.0 and 0.0 <= results[t]["macro_f1,none"] <= 1.0, t
-    for t in ["truthfulqa_mc1", "truthfulqa_mc2", "boolq", "rte", "arc_challenge", "hellaswag", "winogrande",
-              "piqa", "lambada_openai"]:
-        assert t in results, t
-    # unweighted group means
-    kb = ["lambada_openai", "winogrande", "hellaswag", "piqa"]
-    assert results["kbit_zeroshot"]["acc,none"] == pytest.approx(sum(results[t]["acc,none"] for t in kb) / 4)
-    mis = ["liar", "liar_binary", "covid_constraint", "climate_fever", "fever"]
+    # groups report the unweighted mean of their tasks' acc; `capabilities` the mean over all 16 leaves
+    for g, ts in leaves.items():
+        assert results[g]["acc,none"] == pytest.approx(sum(results[t]["acc,none"] for t in ts) / len(ts)), g
+    mis = leaves["misinformation"]
     assert results["misinformation"]["macro_f1,none"] == pytest.approx(
-        sum(results[t]["macro_f1,none"] for t in mis) / 5)
+        sum(results[t]["macro_f1,none"] for t in mis) / len(mis))
+    cap = [t for g in ["capabilities_nlu", "capabilities_reasoning", "misinformation", "hallucination"]
+           for t in leaves[g]]
+    assert results["capabilities"]["acc,none"] == pytest.approx(sum(results[t]["acc,none"] for t in cap) / 16)

@@ -160,7 +160,7 @@ class GPTQSolver:
             for i in range(i2 - i1):
                 col = i1 + i
                 if static_qp is not None:
-                    qp = static_qp[perm_l[col] // gs]
+                    qp = static_qp[(perm_l[col] if perm_l is not None else col) // gs]
                 elif col % gs == 0:
                     # current (error-updated) weights of the group
                     qp = fmt.fit(W[:, col:col + gs] if i == 0 else W1[:, i:i + gs])
@@ -289,6 +289,15 @@ class GPTQ(Method):
             if not lin:
                 return
             groups = step.linear_groups(linears=lin) if seq else [lin]
+            lin_ids = {id(m) for _, m in lin}
+            done: set[int] = set()
+            # direct children holding quantized linears (self_attn, mlp, ...): once all their linears are
+            # final, later passes reuse their outputs instead of recomputing them (attention is costly)
+            children = []
+            for child in step.layer.children():
+                ids = {id(m) for m in child.modules() if id(m) in lin_ids}
+                if ids:
+                    children.append((child, ids))
             for group in groups:
                 solvers = {n: GPTQSolver(weight_matrix(m), step.device) for n, m in group}
                 handles = []
@@ -314,6 +323,11 @@ class GPTQ(Method):
                         warnings.warn(f"gptq: Cholesky failed for {n} with damp={damp:g}; succeeded with damp={res['damp']:g}")
                     if keep:
                         qstate[n] = res["qstate"]
+                    done.add(id(m))
+                if seq:
+                    for child, ids in children:
+                        if ids <= done:
+                            step.memoize(child)
 
         run_layerwise(model, ids, quantize_layer, device=getattr(ctx, "device", None),
                       batch_size=int(o["calib_batch"]) or None, progress=bool(getattr(ctx, "progress", True)),

@@ -286,6 +286,56 @@ class LayerStep:
         self.inputs = inputs
         self.args = args
         self.kwargs = kwargs
+        self._memo: dict[int, tuple[nn.Module, dict[int, Any]]] = {}
+        self._batch = -1
+
+    def memoize(self, module: nn.Module) -> None:
+        """Reuse ``module``'s output per batch in later :meth:`forward` calls (and the runner's final pass).
+
+        The first call computes and stores the output for each batch; later ones return it without
+        running the module.  Only valid while the module's weights and its inputs stay as they are:
+        call it for a sub-module once all the linears inside it and before it are final (quantized).
+        Costs one stored output per batch; dropped when the layer is done.
+        """
+        if id(module) not in self._memo:
+            self._memo[id(module)] = (module, {})
+
+    def _patch_memo(self):
+        patched = []
+        for mod, store in self._memo.values():
+            orig = mod.forward
+
+            def fwd(*a, _orig=orig, _store=store, **k):
+                b = self._batch
+                if b in _store:
+                    return _store[b]
+                out = _orig(*a, **k)
+                _store[b] = out
+                return out
+
+            mod.forward = fwd
+            patched.append(mod)
+        return patched
+
+    @staticmethod
+    def _unpatch(mods):
+        for m in mods:
+            try:
+                del m.forward
+            except AttributeError:
+                pass
+
+    def _outputs_inplace(self) -> None:
+        """Replace every input batch by this layer's output for it (the runner's final pass)."""
+        patched = self._patch_memo()
+        try:
+            for b in range(len(self.inputs)):
+                self._batch = b
+                out = _first_output(self.layer(self.inputs[b], *self.args[b], **self.kwargs[b]))
+                self.inputs[b] = out.to(self.inputs[b].dtype)
+        finally:
+            self._unpatch(patched)
+            self._memo.clear()
 
     @property
     def nsamples(self) -> int:
@@ -318,8 +368,10 @@ class LayerStep:
             for m in stop_after:
                 handles.append(m.register_forward_hook(post_hook))
         outs: list[torch.Tensor] = []
+        patched = self._patch_memo()
         try:
             for b in (range(len(self.inputs)) if batches is None else batches):
+                self._batch = b
                 if stop_after:
                     pending.clear()
                     pending.update(targets)
@@ -330,6 +382,7 @@ class LayerStep:
                 if collect:
                     outs.append(_first_output(out))
         finally:
+            self._unpatch(patched)
             for h in handles:
                 h.remove()
         return outs if collect else None
@@ -446,9 +499,7 @@ def run_layerwise(
             step = LayerStep(i, f"{path}.{i}", layer, device, hidden, args, kwargs)
             results.append(callback(step))
             # outputs of the quantized layer become the next layer's inputs (in place, batch by batch)
-            for b in range(len(hidden)):
-                out = _first_output(layer(hidden[b], *args[b], **kwargs[b]))
-                hidden[b] = out.to(hidden[b].dtype)
+            step._outputs_inplace()
             if orig_dev != device:
                 layer.to(orig_dev)
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,11 @@ def config_from_model_args(kwargs: dict) -> tuple[Any, dict, dict]:
     """Pop our arguments out of `kwargs` (modified in place) and return (QuantConfig, wrapper
     args, method). Raises QuantArgError (one line) on any bad argument."""
     core, wrap, rest = split_model_args(kwargs)
+    # lm-eval's argument parser turns the string "none" into None: a key given as none means none
+    if "method" in core and core["method"] is None:
+        core["method"] = "none"
+    if "skip" in core and core["skip"] is None:
+        core["skip"] = "none"
     method = get_method(core.get("method", "rtn") or "rtn")
     opts = {k: rest.pop(k) for k in list(rest) if k in method.OPTIONS}
     # anything that is neither HFLM's nor ours, but is some other method's option: say so now
@@ -91,6 +97,16 @@ class HFQuantLM(HFLM):
     """HFLM whose model is quantized on the fly. See the module docstring."""
 
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
+        try:
+            self._lmq_init(pretrained, **kwargs)
+        except QuantArgError as e:
+            if _running_cli():
+                # the stock `lm_eval` CLI would print a long traceback: one line instead
+                print(f"lm-eval-quant: error: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+            raise
+
+    def _lmq_init(self, pretrained: Any = None, **kwargs: Any) -> None:
         if pretrained is None:
             raise QuantArgError("hf-quant: pretrained=PATH_OR_HUB_ID is required")
         cfg, wrap, method = config_from_model_args(kwargs)
@@ -200,6 +216,15 @@ class HFQuantLM(HFLM):
                 acc["method_report"] = json.loads(json.dumps(extra, default=str))
         acc.setdefault("lm_eval_quant_version", __version__)
         return acc
+
+
+def _running_cli() -> bool:
+    """True inside the `lm_eval` / `lm-eval-quant` command-line programs (not a library call)."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    prog = os.path.basename(argv0)
+    if prog == "__main__.py":  # python -m lm_eval / python -m lm_eval_quant.cli
+        return os.path.basename(os.path.dirname(argv0)) in ("lm_eval", "lm_eval_quant")
+    return prog in ("lm_eval", "lm-eval", "lm-eval-quant")
 
 
 def _prequant_module():

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .collect import Run, collect
+from .collect import Run, collect, failed_cells
 from .plots import best_under, plot_pareto, plot_scaling, write_points_csv
 from .table import Row, Table, build_table, row_markdown, to_csv, to_markdown
 
@@ -70,9 +70,12 @@ def make_report(paths, out_dir, metric: str | None = None, budget_gb: float | No
     """Collect results under ``paths`` and write report.md, report.csv, scaling.png/.csv and
     pareto.png/.csv into ``out_dir``. Bad arguments raise QuantArgError (one line) before any
     file is written."""
+    paths = list(paths)
     runs = collect(paths)
     table = build_table(runs, task_metric=task_metric, families=families, tasks=tasks,
                         leaves=leaves)
+    for cell, err in failed_cells(paths):
+        table.notes.append(f"sweep cell {cell} failed: {err}")
     m = table.resolve_metric(metric)
     if budget_gb is not None and not budget_gb > 0:
         from lm_eval_quant.errors import QuantArgError

@@ -349,6 +349,23 @@ def _dtype_name(dtype, bits) -> str:
     return f"{_fmt_bits(bits)}-bit" if bits else "?"
 
 
+def failed_cells(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
+    """(cell, one-line error) of the failed cells recorded in the ``sweep_status.json`` files of
+    sweep folders under ``paths`` (shown under the table so a missing row is explained)."""
+    out = []
+    for f in find_results_files(paths):
+        if f.name != "sweep_status.json":
+            continue
+        try:
+            d = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for c in d.get("cells", []) if isinstance(d, dict) else []:
+            if isinstance(c, dict) and c.get("status") == "failed":
+                out.append((str(c.get("name")), str(c.get("error_line") or "failed")))
+    return out
+
+
 def collect(paths: Iterable[str | os.PathLike]) -> list[Run]:
     """All runs found under ``paths``, one per RunKey, tasks merged newest-first.
 

@@ -117,6 +117,25 @@ _MARKERS = {"none": "*", "rtn": "o", "gptq": "s", "awq": "^", "bnb": "D"}
 _STYLES = {"none": "-", "rtn": "--", "gptq": "-", "awq": "-.", "bnb": ":"}
 
 
+def _log2_ticks(ax, xs):
+    """Ticks at powers of two (or half/quarter powers when the range is narrow), labelled 2^k."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    if not xs:
+        return
+    lo, hi = math.log2(min(xs)), math.log2(max(xs))
+    pad = max(0.15, 0.05 * (hi - lo))
+    ax.set_xlim(2 ** (lo - pad), 2 ** (hi + pad))
+    span = hi - lo + 2 * pad
+    step = next((s for s in (0.25, 0.5, 1, 2, 5, 10) if span / s <= 8), 20)
+    k0, k1 = math.floor((lo - pad) / step), math.ceil((hi + pad) / step)
+    ticks = [2 ** (k * step) for k in range(k0, k1 + 1)]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(
+        lambda x, _: f"$2^{{{math.log2(x):g}}}$" if x > 0 else ""))
+
+
 def plot_scaling(table: Table, metric: str, path: Path, title: str | None = None) -> list[dict]:
     """Write the scaling figure to ``path`` (PNG); return its points."""
     plt = _plt()
@@ -147,7 +166,8 @@ def plot_scaling(table: Table, metric: str, path: Path, title: str | None = None
                     color="black" if m == "none" else colour.get(sp[0]["bits"]),
                     label=label, markersize=7 if m == "none" else 5)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("total model bits (log2)")
+        _log2_ticks(ax, [p["total_bits"] for p in fp])
+        ax.set_xlabel("total model bits (log2 axis)")
         ax.set_ylabel(table.metric_label(metric))
         ax.set_title(f"{fam}")
         ax.grid(True, alpha=0.3)

@@ -54,7 +54,7 @@ STATIC_CATEGORIES: dict[str, tuple[str, ...]] = {
                       "lmq_lambada*", "lmq_winogrande*", "lmq_hellaswag*", "lmq_piqa*"),
     "reasoning": ("arc_easy", "arc_challenge", "openbookqa", "piqa", "hellaswag", "winogrande",
                   "siqa", "social_iqa", "logiqa*", "gsm8k*", "commonsense_qa", "*arc_*",
-                  "toy_cloze*"),
+                  "toy_story_cloze*"),
     "NLU": ("boolq", "cb", "copa", "rte", "wic", "wsc*", "multirc", "record", "sst2", "cola",
             "mnli*", "qnli", "qqp", "mrpc", "wnli", "glue", "super-glue*", "lambada*", "*boolq*",
             "*rte*"),
@@ -387,8 +387,7 @@ def build_table(runs: list[Run], task_metric: dict[str, str] | None = None,
         if ts:
             category_tasks[cat] = ts
     if len(category_tasks) == 1 and list(category_tasks.values())[0] == mean_tasks:
-        # a single category equal to the overall mean adds nothing
-        pass
+        category_tasks = {}   # a single category equal to the overall mean adds nothing
     for row in rows:
         row.means["mean"] = _mean([row.values[t] for t in mean_tasks])
         for cat, ts in category_tasks.items():

@@ -73,6 +73,14 @@ def make_task_manager(tasks: list[str], harness: dict):
     return tm, missing
 
 
+_TM_CACHE: dict[str, tuple] = {}
+
+
+def _tm_key(tasks, harness) -> str:
+    return json.dumps([sorted(tasks), harness.get("include_path"), harness.get("include_defaults", "auto")],
+                      sort_keys=True, default=str)
+
+
 def run_cell(cell_dir: Path) -> int:
     t0 = time.time()
     cell_dir = Path(cell_dir).resolve()
@@ -98,7 +106,11 @@ def run_cell(cell_dir: Path) -> int:
 
     lap("imports")
     tasks = list(cfg["tasks"])
-    tm, missing = make_task_manager(tasks, harness)
+    key = _tm_key(tasks, harness)
+    if key in _TM_CACHE:  # prepared by the cell server before it forked this process
+        tm, missing = _TM_CACHE[key]
+    else:
+        tm, missing = make_task_manager(tasks, harness)
     lap("task_index")
     if missing:
         raise QuantArgError(
@@ -115,6 +127,10 @@ def run_cell(cell_dir: Path) -> int:
     kw = {k: harness[k] for k in ("limit", "batch_size", "max_batch_size", "num_fewshot", "apply_chat_template",
                                   "fewshot_as_multiturn", "system_instruction", "device", "gen_kwargs",
                                   "bootstrap_iters") if harness.get(k) is not None}
+    if not kw.get("device"):  # lm-eval's HF model would default to cuda even without a GPU
+        import torch
+
+        kw["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     log_samples = bool(harness.get("log_samples", False))
     results = simple_evaluate(
         model=cfg["lm_eval_model"],
@@ -174,6 +190,8 @@ def _rm_tree(p: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--serve"]:
+        return serve()
     if len(argv) != 1:
         print("usage: python -m lm_eval_quant.sweep.cell CELL_DIR", file=sys.stderr)
         return 2
@@ -194,6 +212,124 @@ def main(argv: list[str] | None = None) -> int:
             pass
         print(f"lm-eval-quant sweep cell: error: {line}", file=sys.stderr)
         return 2 if isinstance(e, QuantArgError) else 1
+
+
+# ------------------------------------------------------------------------------------ cell server
+def serve() -> int:
+    """Fork server (``python -m lm_eval_quant.sweep.cell --serve``): imports torch, transformers,
+    lm-eval and the package once, then forks one fresh child process per cell, so a cell does not
+    pay the interpreter start and the imports (seconds per cell on small models), while each cell
+    still has its own process (memory freed on exit, killed alone, dies with the sweep).
+
+    Protocol on stdin/stdout, one JSON object per line:
+      server → ``{"ready": true, "fork_ok": bool}`` (fork_ok false: CUDA was initialised by an
+               import, so forking is unsafe; the runner then spawns cells instead)
+      runner → ``{"prepare": {"tasks": [...], "harness": {...}}}`` → ``{"prepared": true}``
+               (the task index is built once, before forking)
+      runner → ``{"cell_dir": "..."}`` → ``{"pid": N}`` then ``{"rc": code}`` (negative: signal)
+    """
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # library prints must not reach the protocol channel
+    _die_with_parent()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import lm_eval_quant
+
+    lm_eval_quant.register()
+    import lm_eval.evaluator  # noqa: F401
+    import lm_eval.loggers  # noqa: F401
+    import lm_eval.tasks  # noqa: F401
+    import torch
+
+    fork_ok = not (torch.cuda.is_available() and torch.cuda.is_initialized())
+    proto.write(json.dumps({"ready": True, "fork_ok": fork_ok}) + "\n")
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        msg = json.loads(line)
+        if "prepare" in msg:
+            prep = msg["prepare"]
+            tasks, harness = prep["tasks"], prep["harness"]
+            missing = None
+            try:
+                _TM_CACHE[_tm_key(tasks, harness)] = make_task_manager(tasks, harness)
+                missing = _TM_CACHE[_tm_key(tasks, harness)][1]
+            except Exception:  # noqa: BLE001  (the cell will build it and report the error itself)
+                pass
+            _preimport(prep.get("models", []), prep.get("methods", []))
+            fork_ok = not (torch.cuda.is_available() and torch.cuda.is_initialized())
+            proto.write(json.dumps({"prepared": True, "fork_ok": fork_ok, "missing": missing}) + "\n")
+            continue
+        cell_dir = Path(msg["cell_dir"])
+        server_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the cell process
+            code = 1
+            try:
+                proto.close()
+                _die_with_parent()
+                if os.getppid() != server_pid:  # the server died before prctl took effect
+                    os._exit(1)
+                logfd = os.open(str(cell_dir / "cell.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(logfd, 1)
+                os.dup2(logfd, 2)
+                os.close(logfd)
+                nul = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(nul, 0)
+                code = main([str(cell_dir)])
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code if isinstance(code, int) else 1)
+        proto.write(json.dumps({"pid": pid}) + "\n")
+        _, status = os.waitpid(pid, 0)
+        rc = os.waitstatus_to_exitcode(status)
+        proto.write(json.dumps({"rc": rc}) + "\n")
+    return 0
+
+
+def _preimport(models: list[str], methods: list[str]) -> None:
+    """Import, once in the server, what every cell would import lazily: transformers' model
+    classes of the sweep's architectures, the tokenizer machinery, the quantization methods.
+    Nothing is instantiated and no weights are read."""
+    try:
+        import transformers
+        import transformers.modeling_utils  # noqa: F401
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        _ = transformers.PreTrainedTokenizerFast, transformers.AutoTokenizer
+        import lm_eval.models.huggingface  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return
+    for m in models:
+        try:
+            cfg = transformers.AutoConfig.from_pretrained(m)
+            _ = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
+        except Exception:  # noqa: BLE001  (hub id offline, unknown architecture: the cell will say)
+            pass
+    try:
+        from lm_eval_quant.methods import get_method
+
+        for name in methods:
+            try:
+                get_method(name)
+            except Exception:  # noqa: BLE001
+                pass
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001
+        pass
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-retry-failed", dest="retry_failed", action="store_false",
                    help="leave cells that failed in an earlier run alone")
     r.add_argument("--no-progress", dest="progress", action="store_false")
+    r.add_argument("--start", choices=["auto", "fork", "spawn"], default="auto",
+                   help="local launcher: fork cells from a pre-imported server (fast; auto on Linux) or spawn "
+                        "each as a new interpreter")
     return p
 
 
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
         out = a.out or str(Path("lmq_out") / spec.name)
         res = run_sweep(spec, out, launcher=a.launcher, ray_address=a.ray_address, progress=a.progress,
-                        retry_failed=a.retry_failed, dry_run=a.dry_run)
+                        retry_failed=a.retry_failed, dry_run=a.dry_run, start=a.start)
     except QuantArgError as e:
         print(f"lm-eval-quant: error: {e}", file=sys.stderr)
         return 2

@@ -216,7 +216,9 @@ def _error_line(cell_dir: Path, rc: int | None, timed_out: bool = False, timeout
     if log.is_file():
         lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
         tail = lines[-1][:300] if lines else ""
-    if rc is not None and rc < 0:
+    if rc is None:
+        msg = "cell process lost (its cell server died)"
+    elif rc < 0:
         try:
             sig = signal.Signals(-rc).name
         except ValueError:
@@ -277,16 +279,122 @@ def run_cell_subprocess(cell_dir: Path, env: dict | None = None, timeout: float 
             raise
 
 
+class CellServer:
+    """Client of the fork server (``python -m lm_eval_quant.sweep.cell --serve``, see cell.serve):
+    one interpreter with the heavy imports done, forking a fresh process per cell."""
+
+    def __init__(self, env: dict, log_path: Path, ready_timeout: float = 600.0):
+        self.buf = b""
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lm_eval_quant.sweep.cell", "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        msg = self._read(ready_timeout)
+        self.ok = bool(msg and msg.get("ready") and msg.get("fork_ok"))
+        if not self.ok:
+            self.close()
+
+    def _read(self, timeout: float | None) -> dict | None:
+        import select
+
+        fd = self.proc.stdout.fileno()
+        end = None if timeout is None else time.time() + timeout
+        while b"\n" not in self.buf:
+            left = None if end is None else max(0.0, end - time.time())
+            r, _, _ = select.select([fd], [], [], left)
+            if not r:
+                raise TimeoutError
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None  # the server is gone
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def _send(self, msg: dict) -> bool:
+        try:
+            self.proc.stdin.write((json.dumps(msg, default=str) + "\n").encode())
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def prepare(self, tasks, harness, models=(), methods=()) -> list | None:
+        """Build the task index and import the model classes in the server; returns the task
+        names that were not found (None: unknown)."""
+        if self._send({"prepare": {"tasks": list(tasks), "harness": dict(harness), "models": list(models),
+                                   "methods": list(methods)}}):
+            msg = self._read(None)
+            if not msg or not msg.get("fork_ok", False):
+                self.ok = False
+            return (msg or {}).get("missing")
+        self.ok = False
+        return None
+
+    def run(self, cell_dir: Path, timeout: float | None, on_start=None) -> tuple[int | None, bool]:
+        if not self._send({"cell_dir": str(cell_dir)}):
+            self.ok = False
+            return None, False
+        msg = self._read(60)
+        if msg is None:
+            self.ok = False
+            return None, False
+        pid = msg["pid"]
+        if on_start:
+            on_start(pid)
+        try:
+            msg = self._read(timeout)
+        except TimeoutError:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            msg = self._read(60)
+            return (msg or {}).get("rc"), True
+        except BaseException:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            raise
+        if msg is None:
+            self.ok = False
+            return None, False
+        return msg["rc"], False
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:  # nothing to save in the server: give it a moment, then end it
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
 # ------------------------------------------------------------------------------------ checks
-def _precheck(spec: SweepSpec, cells: list[Cell]) -> None:
-    """Cheap checks before any cell runs: local model folders exist, task names resolve."""
+def _check_models(spec: SweepSpec) -> None:
+    """Local model folders exist (cheap; before anything is started)."""
     for m in spec.models:
         p = m.pretrained
         looks_local = p.startswith(("/", "./", "../", "~")) or Path(p).exists() or p.count("/") > 1
         if looks_local and not Path(p).expanduser().exists():
             raise QuantArgError(f"sweep: model folder {p} does not exist (give a local folder or a hub id)")
-    if not any(c.skip_reason is None for c in cells):
-        return
+
+
+def _missing_tasks_error(missing) -> QuantArgError:
+    return QuantArgError(
+        f"sweep: unknown task(s) {list(missing)}; check the names (lm-eval-quant ls tasks) or add their folder to include_path"
+    )
+
+
+def _check_tasks(spec: SweepSpec) -> None:
+    """Every task name resolves (builds lm-eval's task index here)."""
     from lm_eval_quant.sweep.cell import make_task_manager
 
     import logging
@@ -294,9 +402,24 @@ def _precheck(spec: SweepSpec, cells: list[Cell]) -> None:
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     _, missing = make_task_manager(list(spec.tasks), dict(spec.harness))
     if missing:
-        raise QuantArgError(
-            f"sweep: unknown task(s) {missing}; check the names (lm-eval-quant ls tasks) or add their folder to include_path"
-        )
+        raise _missing_tasks_error(missing)
+
+
+def _start_server(spec: SweepSpec, cells: list[Cell], out_dir: Path) -> "CellServer | None":
+    """A ready fork server for these cells, or None (fork unsafe / server failed). Raises the
+    one-line error for unknown tasks (the server builds the task index anyway)."""
+    server = CellServer(cell_env(), out_dir / "cell_server.log")
+    if not server.ok:
+        return None
+    missing = server.prepare(spec.tasks, spec.harness, models=sorted({c.model.pretrained for c in cells}),
+                             methods=sorted({c.method for c in cells}))
+    if missing:
+        server.close()
+        raise _missing_tasks_error(missing)
+    if not server.ok:
+        server.close()
+        return None
+    return server
 
 
 class _Lock:
@@ -329,7 +452,8 @@ class _Lock:
 
 # ------------------------------------------------------------------------------------ main entry
 def run_sweep(spec, out_dir, launcher: str = "local", ray_address: str | None = None, progress: bool = True,
-              retry_failed: bool = True, dry_run: bool = False, check: bool = True) -> SweepResult:
+              retry_failed: bool = True, dry_run: bool = False, check: bool = True,
+              start: str = "auto") -> SweepResult:
     """Run (or resume) a sweep. ``spec``: a SweepSpec, a dict, or the path of a YAML spec.
 
     Cells already finished in ``out_dir`` with the same config key are not redone
@@ -337,7 +461,12 @@ def run_sweep(spec, out_dir, launcher: str = "local", ray_address: str | None = 
     ``.stale/``). A failing cell is recorded with its one-line error and the sweep goes on.
     ``retry_failed=False`` leaves cells that failed in an earlier run alone (status ``failed``).
     ``dry_run`` only expands and reports the cells (status ``planned``/``skipped``/``skipped_done``).
+    ``start`` (local launcher): ``spawn`` starts each cell as ``python -m lm_eval_quant.sweep.cell``;
+    ``fork`` forks each cell from a server process that did the imports once (Linux; much faster
+    for small models); ``auto`` = fork where available, else spawn.
     """
+    if start not in ("auto", "fork", "spawn"):
+        raise QuantArgError(f"sweep: start must be auto, fork or spawn, not {start!r}")
     if launcher not in LAUNCHERS:
         raise QuantArgError(f"sweep: unknown launcher {launcher!r}; use {' or '.join(LAUNCHERS)}")
     spec = SweepSpec.load(spec)
@@ -352,10 +481,12 @@ def run_sweep(spec, out_dir, launcher: str = "local", ray_address: str | None = 
             raise QuantArgError("sweep: --launcher ray needs Ray: pip install 'lm-eval-quant[ray]'") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     with _Lock(out_dir):
-        return _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_failed, dry_run, check)
+        return _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_failed, dry_run, check,
+                           start)
 
 
-def _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_failed, dry_run, check) -> SweepResult:
+def _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_failed, dry_run, check,
+                start="auto") -> SweepResult:
     from tqdm.auto import tqdm
 
     run_id = uuid.uuid4().hex[:12]
@@ -367,6 +498,8 @@ def _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_fai
     def res_of(cell: Cell, status: str, **kw) -> CellResult:
         return CellResult(name=cell.name, status=status, key=cell.key, labels=cell.labels(),
                           model_args=cell.model_args_string(), **kw)
+
+    server = None
 
     def save_status() -> None:
         cur = [results.get(c.name) or res_of(c, "pending") for c in cells]
@@ -396,7 +529,18 @@ def _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_fai
                 results[c.name] = res_of(c, "planned")
             return SweepResult(out_dir, [results[c.name] for c in cells], out_dir / LOG_NAME, status_path)
         if check and todo:
-            _precheck(spec, todo)
+            _check_models(spec)
+        use_fork = launcher == "local" and todo and (
+            start == "fork" or (start == "auto" and sys.platform.startswith("linux") and len(todo) > 1))
+        if use_fork:
+            if progress:
+                print(f"sweep {spec.name}: starting the cell server (imports once for all cells)...",
+                      file=sys.stderr, flush=True)
+            server = _start_server(spec, todo, out_dir)
+            if server is None:
+                log.event("cell_server_unavailable", reason="fork unsafe or the server failed; spawning cells")
+        if check and todo and server is None:
+            _check_tasks(spec)
         atomic_write_text(out_dir / SPEC_NAME, json.dumps(spec.to_dict(), indent=2, default=str))
         log.event("sweep_start", name=spec.name, launcher=launcher, pid=os.getpid(), cells=len(cells),
                   to_run=len(todo), already_done=sum(r.status == "skipped_done" for r in results.values()),
@@ -422,7 +566,8 @@ def _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_fai
                    initial=len(cells) - len(runnable), dynamic_ncols=True)
         try:
             if launcher == "local":
-                _launch_local(runnable, out_dir, log, results, res_of, save_status, bar, spec)
+                _launch_local(runnable, out_dir, log, results, res_of, save_status, bar, spec, server)
+                server = None  # closed by _launch_local
             else:
                 from lm_eval_quant.sweep.ray_launcher import launch_ray
 
@@ -440,6 +585,8 @@ def _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_fai
         log.event("sweep_interrupted")
         raise
     finally:
+        if server is not None:
+            server.close()
         log.close()
 
 
@@ -467,17 +614,30 @@ def finish_cell(cell: Cell, cdir: Path, rc, timed_out, seconds, log, results, re
     return r
 
 
-def _launch_local(cells, out_dir, log, results, res_of, save_status, bar, spec) -> None:
+def _launch_local(cells, out_dir, log, results, res_of, save_status, bar, spec, server=None) -> None:
     env = cell_env()
     timeout = spec.harness.get("cell_timeout")
-    for cell in cells:
-        cdir = out_dir / CELLS_DIR / cell.name
-        bar.set_postfix_str(cell.name, refresh=True)
-        t0 = time.time()
-        rc, timed_out = run_cell_subprocess(
-            cdir, env=env, timeout=timeout,
-            on_start=lambda pid, c=cell: log.event("cell_start", cell=c.name, key=c.key, pid=pid,
-                                                   model_args=c.model_args_string()))
-        finish_cell(cell, cdir, rc, timed_out, time.time() - t0, log, results, res_of, timeout)
-        save_status()
-        bar.update(1)
+    try:
+        for cell in cells:
+            cdir = out_dir / CELLS_DIR / cell.name
+            bar.set_postfix_str(cell.name, refresh=True)
+            t0 = time.time()
+            how = "fork" if server is not None else "spawn"
+
+            def started(pid, c=cell, how=how):
+                log.event("cell_start", cell=c.name, key=c.key, pid=pid, start=how, model_args=c.model_args_string())
+
+            if server is not None:
+                rc, timed_out = server.run(cdir, timeout, on_start=started)
+                if not server.ok:  # the server died: this cell failed, the rest are spawned
+                    log.event("cell_server_lost")
+                    server.close()
+                    server = None
+            else:
+                rc, timed_out = run_cell_subprocess(cdir, env=env, timeout=timeout, on_start=started)
+            finish_cell(cell, cdir, rc, timed_out, time.time() - t0, log, results, res_of, timeout)
+            save_status()
+            bar.update(1)
+    finally:
+        if server is not None:
+            server.close()
