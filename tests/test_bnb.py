@@ -332,3 +332,35 @@ def test_end_to_end_simple_evaluate(tiny, toy_task, extra, bpw):
     assert q["bits_per_quantized_weight"] == pytest.approx(bpw, abs=1e-12)
     assert q["quant_config"]["method"] == "bnb"
     assert "bnb" in q and q["bnb"]["llm_int8_skip_modules"][0] == "lm_head"
+
+
+@needs_wrapper
+def test_cli_lm_eval_hf_quant_nf4_results_json(tiny, toy_task, tmp_path):
+    """`lm-eval-quant --model hf-quant ...` (the stock lm_eval CLI with hf-quant registered):
+    the results file written by lm-eval carries the bnb config and the exact bits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "lm_eval_quant.cli", "--model", "hf-quant",
+           "--model_args", f"pretrained={tiny},method=bnb,format=nf4",
+           "--tasks", "lmq_bnb_toy", "--include_path", str(toy_task), "--limit", "3",
+           "--batch_size", "4", "--device", "cpu", "--output_path", str(tmp_path / "out")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    files = list((tmp_path / "out").rglob("results_*.json"))
+    assert len(files) == 1, files
+    q = json.loads(files[0].read_text())["config"]["quantization"]
+    assert q["bits_per_quantized_weight"] == 4.5
+    assert q["bnb"]["bnb_4bit_quant_type"] == "nf4" and q["bnb"]["blocks"] == N_Q // 64
+    # and a bad combination is one line, exit 2, before loading anything
+    bad = cmd[:]
+    bad[bad.index("--model_args") + 1] = f"pretrained={tiny},method=bnb,bits=8,format=nf4"
+    p = subprocess.run(bad, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2
+    err = [ln for ln in p.stderr.strip().splitlines() if "error" in ln.lower()]
+    assert err and err[-1].startswith("lm-eval-quant: error: hf-quant: method=bnb bits=8"), p.stderr[-2000:]
+    assert "Traceback" not in p.stderr

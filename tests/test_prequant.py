@@ -333,3 +333,29 @@ def test_end_to_end_refuses_method_on_prequantized(gptq_ckpt):
     with pytest.raises(QuantArgError) as e:
         HFQuantLM(pretrained=str(gptq_ckpt[0]), method="rtn", bits=4, group_size=32, device="cpu")
     assert "\n" not in str(e.value) and "already quantized" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------ other formats (config level)
+def test_awq_and_compressed_tensors_configs_are_described():
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+    assert prequant.describe(awq) == "awq 4-bit group_size=128"
+    qd = prequant._quant_config_dict(awq, "awq")
+    assert (qd["method"], qd["bits"], qd["group_size"], qd["sym"]) == ("awq", 4, 128, False)
+    assert prequant.nominal_bits_per_weight(awq) == 4 + 20 / 128
+    ct = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group",
+                                           "group_size": 128, "symmetric": True}}}}
+    assert prequant.describe(ct) == "compressed-tensors pack-quantized int4 group"
+    qd = prequant._quant_config_dict(ct, prequant._method_of(ct))
+    assert (qd["method"], qd["bits"], qd["group_size"], qd["sym"]) == ("compressed-tensors", 4, 128, True)
+    assert prequant._method_of({"load_in_4bit": True, "quant_method": "bitsandbytes"}) == "bitsandbytes"
+
+
+def test_refusal_names_checkpoint_kind_for_awq(tmp_path):
+    d = tmp_path / "awq"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}}))
+    with pytest.raises(QuantArgError) as e:
+        prequant.check_prequantized(d, "gptq")
+    assert "awq 4-bit group_size=128" in str(e.value) and "\n" not in str(e.value)

@@ -382,3 +382,19 @@ def test_cli_dry_run_lists_cells(world, tmp_path, capsys):
     assert "8 cells: 0 done, 0 already done, 0 failed, 0 skipped (invalid), 8 to run" in out
     assert "tiny-a__rtn-w3-g16-int" in out
     assert not (tmp_path / "o" / "sweep_log.jsonl").exists() or not read_log(tmp_path / "o")
+
+
+def test_cell_timeout_kills_the_cell_and_the_sweep_goes_on(world, tmp_path):
+    d = spec_dict(world, bits=[16], methods=["none"])
+    d["models"] = d["models"][:1]
+    d["harness"]["cell_timeout"] = 0.5  # far below a cell's start-up time: always exceeded
+    res = run_sweep(d, tmp_path / "o", progress=False, start="spawn")
+    (c,) = res.cells
+    assert c.status == "failed" and c.error_line == "cell exceeded cell_timeout=0.5s and was killed"
+    assert 0.4 < c.seconds < 30
+    ev = read_log(tmp_path / "o")
+    assert [e["event"] for e in ev] == ["sweep_start", "cell_start", "cell_failed", "sweep_end"]
+    assert ev[1]["start"] == "spawn"
+    # the killed process is gone
+    with pytest.raises(ProcessLookupError):
+        os.kill(ev[1]["pid"], 0)
