@@ -439,6 +439,10 @@ def _apply(model, man: dict, tensors: dict) -> None:
                 # tied to another parameter the method did not change: give this one its own
                 new = torch.nn.Parameter(t.to(p.device), requires_grad=p.requires_grad)
                 setattr(mod, attr, new)
+                params[name] = new
+                conf = getattr(model, "config", None)
+                if getattr(conf, "tie_word_embeddings", False):
+                    conf.tie_word_embeddings = False  # as the method's untie did on the miss
             else:
                 p.data = t if p.device.type == "cpu" else t.to(p.device)
 

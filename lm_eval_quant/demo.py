@@ -286,6 +286,16 @@ def demo_spec(models: list[dict], methods: list[str], bits: list[int], task_dir:
     }
 
 
+def _round_up(x: float, digits: int = 3) -> float:
+    """x rounded up to ``digits`` significant figures (a budget the model still fits in)."""
+    import math
+
+    if x <= 0:
+        return x
+    e = math.floor(math.log10(x)) - digits + 1
+    return float(f"{math.ceil(x / 10 ** e - 1e-9) * 10 ** e:.{digits}g}")
+
+
 def _yaml_dump(d: dict) -> str:
     import yaml
 
@@ -364,19 +374,19 @@ def main(argv: list[str] | None = None) -> int:
         from lm_eval_quant.report import budget_answer, make_report
         from lm_eval_quant.report.table import to_markdown
 
-        # default budget: the unquantized middle-sized model's memory (what fits on "our GPU")
+        # default budget: the unquantized middle-sized model's memory ("what fits on our GPU")
         budget = args.budget_gb
-        rep = make_report([out / "sweep"], out / "report", metric="toy_story_cloze",
-                          title="lm-eval-quant demo: toy story cloze accuracy vs total model bits")
         if budget is None:
-            base = [r for r in rep.table.rows if r.run.method == "none" and r.run.model_gb]
-            base.sort(key=lambda r: r.run.model_gb)
+            from lm_eval_quant.report import build_table, collect
+
+            base = sorted((r for r in build_table(collect([out / "sweep"])).rows
+                           if r.run.method == "none" and r.run.model_gb),
+                          key=lambda r: r.run.model_gb)
             if base:
-                budget = base[len(base) // 2].run.model_gb * 1.0001 if len(base) > 1 else base[0].run.model_gb
-        if budget is not None:
-            rep = make_report([out / "sweep"], out / "report", metric="toy_story_cloze",
-                              budget_gb=budget,
-                              title="lm-eval-quant demo: toy story cloze accuracy vs total model bits")
+                budget = _round_up(base[len(base) // 2].run.model_gb)
+        rep = make_report([out / "sweep"], out / "report", metric="toy_story_cloze",
+                          budget_gb=budget,
+                          title="lm-eval-quant demo: toy story cloze accuracy vs total model bits")
     except QuantArgError as e:
         print(f"lm-eval-quant: error: {e}", file=sys.stderr)
         return 2

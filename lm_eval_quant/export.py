@@ -393,9 +393,7 @@ def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict |
         modules_in_block = [want]
 
     out = Path(path)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "config.json").exists():
-            raise QuantArgError(f"{_PREFIX}: output folder {out} exists and is not a model folder; choose a new one")
+    _check_output(out)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -490,6 +488,23 @@ def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict |
     return out
 
 
+def _check_output(out: Path) -> None:
+    """Only an empty/new folder, or one we exported before, may be (over)written."""
+    if out.exists() and not out.is_dir():
+        raise QuantArgError(f"{_PREFIX}: output {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()):
+        try:
+            q = json.loads((out / "config.json").read_text()).get("quantization_config") or {}
+            ours = any(str(x).startswith("lm_eval_quant:") for x in (q.get("meta") or {}).get("quantizer", []))
+        except Exception:
+            ours = False
+        if not ours:
+            raise QuantArgError(
+                f"{_PREFIX}: output folder {out} is not empty and is not an earlier lm-eval-quant export; "
+                f"choose a new folder"
+            )
+
+
 def _is_lin(m) -> bool:
     from .methods.base import is_quantizable
 
@@ -547,8 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(**quant_keys, **opts)
         check_exportable(cfg)
         out = Path(ns.output)
-        if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
-            raise QuantArgError(f"{_PREFIX}: output folder {out} exists and is not a model folder; choose a new one")
+        _check_output(out)
         model, tok, report = _quantize(args, cfg, method, ns)
         save_quantized(model, cfg, out, report=report, tokenizer=tok, checkpoint_format=ns.checkpoint_format)
     except QuantArgError as e:

@@ -226,7 +226,8 @@ def quantized_modules(model) -> list[tuple[str, Any, dict]]:
     """(name, module, own tensors) for every module holding packed quantized weights."""
     out = []
     for name, mod in model.named_modules():
-        sd = {k: v for k, v in mod.state_dict(keep_vars=True).items() if "." not in k}
+        sd = {k: v for k, v in mod._parameters.items() if v is not None}
+        sd.update({k: v for k, v in mod._buffers.items() if v is not None})
         if sd and _is_quantized_module(sd):
             out.append((name, mod, sd))
     return out

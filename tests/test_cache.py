@@ -345,3 +345,29 @@ def test_interrupted_write_leaves_no_entry(model_dir, tmp_path):
     assert len(list((cache_dir / "entries").iterdir())) == 1
     assert not list(tmpdir.iterdir())
     assert _run(model_dir, cache_dir, cfg)[2] is True
+
+
+# ------------------------------------------------------------------------------------------------
+def test_hf_quant_wrapper_hits_cache(model_dir, tmp_path, monkeypatch):
+    """Through the lm-eval model: the second construction loads from the cache (RTN not run)."""
+    import lm_eval_quant
+    from lm_eval_quant.methods.rtn import RTN
+
+    lm_eval_quant.register()
+    from lm_eval_quant.models.hf_quant import HFQuantLM
+
+    calls = []
+    real = RTN.quantize
+    monkeypatch.setattr(RTN, "quantize", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    kw = dict(pretrained=str(model_dir), device="cpu", batch_size=1, method="rtn", bits=4, group_size=32,
+              cache_dir=str(tmp_path))
+    lm1 = HFQuantLM(**kw)
+    lm2 = HFQuantLM(**kw)
+    assert calls == [1]
+    assert lm2._lmq_report.extra["cache"]["hit"] is True
+    info = lm2.get_model_info()["quantization"]
+    assert info["method_report"]["cache"]["hit"] is True
+    for n in lm1._lmq_report.modified:
+        assert torch.equal(lm1.model.get_parameter(n), lm2.model.get_parameter(n))
+    HFQuantLM(**kw, cache=False)
+    assert calls == [1, 1]

@@ -125,3 +125,11 @@ def test_demo_smoke(tmp_path, capsys, monkeypatch):
     d = json.loads(res[-1].read_text())
     assert "toy_story_cloze" in d["results"] and d["config"]["model"] == "hf-quant"
     assert "quantization" in d["config"]
+
+
+def test_default_budget_rounds_up():
+    from lm_eval_quant.demo import _round_up
+
+    assert _round_up(0.000393216) == 0.000394     # the 16-bit model still fits its own budget
+    assert _round_up(0.0004) == 0.0004 and _round_up(14.0) == 14.0
+    assert _round_up(7.640625) == 7.65

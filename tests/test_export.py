@@ -340,6 +340,23 @@ def test_gptq_act_order_export_reload(llama_dir, calib_file, tmp_path, bits, sym
     assert _rel(_logits(q), ref) < 1e-3
 
 
+def test_awq_export_reload(llama_dir, calib_file, tmp_path):
+    """AWQ folds its scales into the norms (saved as ordinary tensors) and leaves the linears on
+    the int grid: the checkpoint computes the same function."""
+    from transformers import AutoTokenizer
+
+    m = _load(llama_dir)
+    cfg = build_config(method="awq", bits=4, group_size=32, calib=str(calib_file), nsamples=4, seqlen=32)
+    rep = get_method("awq").quantize(m, cfg, QuantContext(tokenizer=AutoTokenizer.from_pretrained(llama_dir),
+                                                           progress=False))
+    assert any("layernorm" in n for n in rep.modified)
+    ref = _logits(m)
+    out = save_quantized(m, cfg, tmp_path / "q", report=rep, progress=False)
+    q = _gptq_reload(out, 4)
+    assert torch.equal(q.model.layers[0].input_layernorm.weight, m.model.layers[0].input_layernorm.weight)
+    assert _rel(_logits(q), ref) < 1e-3
+
+
 def _decode(out, name, bits):
     """Dequantize one layer of an exported checkpoint with our own unpacker → [in, out]."""
     from safetensors import safe_open
@@ -418,3 +435,30 @@ def test_cli_export_end_to_end(llama_dir, tmp_path, monkeypatch):
 
     a, b = load_file(str(out / "model.safetensors")), load_file(str(out2 / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_save_quantized_model_arg(llama_dir, tmp_path):
+    """`save_quantized=PATH` in hf-quant's model_args writes the checkpoint during model creation."""
+    import lm_eval_quant
+
+    lm_eval_quant.register()
+    from lm_eval_quant.models.hf_quant import HFQuantLM
+
+    out = tmp_path / "saved"
+    lm = HFQuantLM(pretrained=str(llama_dir), device="cpu", batch_size=1, method="rtn", bits=8, group_size=64,
+                   cache=False, save_quantized=str(out))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["bits"] == 8 and qc["group_size"] == 64
+    name = "model.layers.1.self_attn.o_proj"
+    assert torch.equal(_decode(out, name, 8), lm.model.get_submodule(name).weight.data.t())
+    assert (out / "tokenizer.json").exists()
+
+
+def test_refuses_to_overwrite_foreign_folder(llama_dir, tmp_path):
+    m = _load(llama_dir)
+    cfg, rep = _rtn(m, bits=4, group_size=32)
+    with pytest.raises(QuantArgError, match="not an earlier lm-eval-quant export"):
+        save_quantized(m, cfg, llama_dir, report=rep, progress=False)       # the source model itself
+    assert (llama_dir / "model.safetensors").exists()
+    out = save_quantized(m, cfg, tmp_path / "q", report=rep, progress=False)
+    save_quantized(m, cfg, out, report=rep, progress=False)                   # re-export: allowed

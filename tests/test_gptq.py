@@ -196,7 +196,7 @@ def ppl(model, tok, text=None):
     from lm_eval_quant import toy
     from lm_eval_quant.ppl import perplexity
 
-    ids = torch.tensor(tok(text or toy.heldout_text(30_000))["input_ids"])
+    ids = torch.tensor(tok(text or toy.heldout_text(16_000))["input_ids"])
     return perplexity(model, ids, 128, batch_size=16)
 
 
@@ -263,7 +263,7 @@ def _ppl_ladder(model, tok, calib_file, gs, skip="lm_head", text=None):
     res = {"fp": fp}
     for bits in (3, 4):
         for meth in ("rtn", "gptq"):
-            kw = dict(calib=calib_file, nsamples=32, seqlen=256) if meth == "gptq" else {}
+            kw = dict(calib=calib_file, nsamples=16, seqlen=256) if meth == "gptq" else {}
             m, _ = quantized(model, tok, method=meth, bits=bits, group_size=gs, skip=skip, **kw)
             res[f"{meth}{bits}"] = ppl(m, tok, text)
     return res

@@ -372,8 +372,6 @@ class _FakeHub:
         self.table = table
 
     def __call__(self, path, name=None, **kw):
-        import datasets
-
         key = (path, name)
         if key not in self.table:
             raise ConnectionError(f"no fake for {key}")

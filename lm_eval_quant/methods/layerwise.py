@@ -313,17 +313,17 @@ class LayerStep:
                 _store[b] = out
                 return out
 
+            patched.append((mod, mod.__dict__.get("forward")))  # an instance forward (accelerate hooks) is kept
             mod.forward = fwd
-            patched.append(mod)
         return patched
 
     @staticmethod
-    def _unpatch(mods):
-        for m in mods:
-            try:
-                del m.forward
-            except AttributeError:
-                pass
+    def _unpatch(patched):
+        for m, own in patched:
+            if own is not None:
+                m.forward = own
+            else:
+                m.__dict__.pop("forward", None)
 
     def _outputs_inplace(self) -> None:
         """Replace every input batch by this layer's output for it (the runner's final pass)."""

@@ -1,4 +1,5 @@
-"""Run ONE sweep cell in this (fresh) process: ``python -m lm_eval_quant.sweep.cell CELL_DIR``.
+"""Run ONE sweep cell in this (fresh) process: ``python -m lm_eval_quant.sweep.cell CELL_DIR``
+(or forked by the cell server, ``python -m lm_eval_quant.sweep.cell --serve``, see ``serve``).
 
 Reads ``CELL_DIR/cell.json`` (written by the runner), evaluates all the cell's tasks with one
 ``lm_eval.simple_evaluate`` call on the ``hf-quant`` model (so the model is loaded and quantized
@@ -46,8 +47,9 @@ def task_include_paths(harness: dict) -> list[str]:
         from lm_eval_quant import task_dir
 
         td = task_dir()
-        if td.is_dir() and any(td.rglob("*.yaml")) and str(td) not in paths:
-            paths.append(str(td))
+        if td.is_dir() and any(td.rglob("*.yaml")) and str(td.resolve()) not in paths:
+            # first: lm-eval lets later folders override earlier ones, so the user's tasks win
+            paths.insert(0, str(td.resolve()))
     except Exception:  # noqa: BLE001
         pass
     return paths

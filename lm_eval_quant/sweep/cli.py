@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from lm_eval_quant.sweep.runner import run_sweep
 
-        out = a.out or str(Path("lmq_out") / spec.name)
+        from lm_eval_quant.sweep.spec import _slug
+
+        out = a.out or str(Path("lmq_out") / _slug(spec.name))
         res = run_sweep(spec, out, launcher=a.launcher, ray_address=a.ray_address, progress=a.progress,
                         retry_failed=a.retry_failed, dry_run=a.dry_run, start=a.start)
     except QuantArgError as e:
