@@ -40,7 +40,8 @@ def _model_path(name: str) -> Path:
     if name == "toy":
         from lm_eval_quant.toy import cached_tiny_model
 
-        return cached_tiny_model(arch="llama", hidden=64, layers=2, train_steps=300)
+        return cached_tiny_model(arch="llama", hidden=64, layers=2, heads=4, intermediate=128,
+                                 train_steps=150, batch_size=8, seq_len=64)  # = tests/conftest trained_llama
     if name == "stories260K":
         from lm_eval_quant.toy import shared_dir
 
@@ -82,12 +83,13 @@ def worker(a) -> dict:
 
         ds = [{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in calib]
         dyn = {r"-:.*down_proj.*": {}} if "down_proj" in skip else None  # '-:' = leave unquantized
-        cfg = AWQConfig(bits=a.bits, group_size=a.group_size, sym=False, dynamic=dyn)
+        cfg = AWQConfig(bits=a.bits, group_size=a.group_size, sym=False, dynamic=dyn,
+                        offload_to_disk=False)  # its default disk offload fails on CPU (meta tensors)
         rss0 = _rss_kb("VmRSS")
         t0 = time.perf_counter()
-        gm = GPTQModel.load(str(path), cfg, device="cpu")
+        gm = GPTQModel.load(str(path), cfg, device="cpu", dtype=torch.bfloat16)  # its AWQ CPU kernel: fp16/bf16 only
         fp_bytes = sum(p.numel() * p.element_size() for p in gm.model.parameters())
-        gm.quantize(ds, batch_size=1, tokenizer=tok)
+        gm.quantize(ds, batch_size=1, tokenizer=tok, backend=os.environ.get("LMQ_GPTQMODEL_AWQ_BACKEND", "awq_torch"))
         out["seconds"] = time.perf_counter() - t0
         out["peak_rss_mb"] = _rss_kb("VmHWM") / 1024
         out["rss_before_mb"] = rss0 / 1024

@@ -2,7 +2,8 @@
 
 The wheel ships ``lm_eval_quant_startup.pth`` at the site-packages root. Python's ``site`` runs
 its one ``import`` line at every interpreter start; that line calls :func:`install` unless the
-environment variable ``LMQ_NO_AUTOREGISTER`` is set to a true value (``1``, ``true``, ``yes``, ``on``).
+environment variable ``LMQ_NO_AUTOREGISTER`` is set to a true value (``1``, ``true``, ``yes``, ``on``),
+in which case nothing at all is imported.
 
 :func:`install` only puts a tiny finder at the front of ``sys.meta_path`` (this module imports
 nothing but ``sys``: no torch, no lm_eval, no importlib.util). The finder does nothing for any
@@ -110,7 +111,10 @@ def on_lm_eval_models(module=None) -> None:
 
 
 def install() -> bool:
-    """Install the hook (idempotent). Returns True when a finder was added or the callback ran."""
+    """Install the hook (idempotent; a no-op when ``LMQ_NO_AUTOREGISTER`` is set). Returns True
+    when a finder was added or the callback ran."""
+    if disabled():
+        return False
     if TARGET in sys.modules:  # lm_eval.models already imported: register right away
         on_lm_eval_models(sys.modules[TARGET])
         return True
@@ -121,9 +125,3 @@ def install() -> bool:
     finder._lmq_hook = True
     sys.meta_path.insert(0, finder)
     return True
-
-
-def _pth_entry() -> None:
-    """What the ``.pth`` line runs at interpreter start."""
-    if not disabled():
-        install()

@@ -344,21 +344,38 @@ def account_prequantized(model, cfg=None) -> dict | None:
     params_q = bits_q = 0
     by_kind: dict[str, int] = {}
     source = set()
-    for name, mod, sd in qmods:
-        o, i = _in_out(mod, sd, qc, method)
-        params_q += o * i
+    mods = dict(model.named_modules())
+    todo = {name: (mod, sd) for name, mod, sd in qmods}
+    # modules packed in the files but dense in memory (e.g. compressed-tensors decompressed on a
+    # device without its kernels): still quantized weights of the checkpoint
+    decompressed = []
+    for key in hdr:
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in _PACKED_KEYS and prefix not in todo and prefix in mods:
+            m = mods[prefix]
+            sd = {k: v for k, v in m._parameters.items() if v is not None}
+            sd.update({k: v for k, v in m._buffers.items() if v is not None})
+            todo[prefix] = (m, sd)
+            decompressed.append(prefix)
+    for name, (mod, sd) in todo.items():
         stored = {k: hdr[f"{name}.{k}"][2] for k in _STORAGE_KEYS if f"{name}.{k}" in hdr}
         use_file = any(k in stored for k in _PACKED_KEYS)
+        if use_file and isinstance(getattr(mod, "in_features", None), int):
+            o, i = mod.out_features, mod.in_features
+        else:
+            o, i = _in_out(mod, sd, qc, method)
+        params_q += o * i
         source.add("checkpoint" if use_file else "memory")
         for k, t in sd.items():
             if k in _STORAGE_KEYS:
-                q_tensor_ids.add(id(t))
+                q_tensor_ids.add(id(t))  # (a dense decompressed weight is counted as packed)
         items = stored.items() if use_file else (
             (k, _tensor_bits(t)) for k, t in sd.items() if k in _STORAGE_KEYS
         )  # bias: an ordinary unquantized parameter; kernel caches: not storage
         for k, b in items:
             bits_q += b
             by_kind[k] = by_kind.get(k, 0) + b
+    qmods = list(todo)
     params_total = params_q
     total_bits = bits_q
     seen: set[int] = set()
@@ -383,6 +400,10 @@ def account_prequantized(model, cfg=None) -> dict | None:
         "quantization_config": {k: v for k, v in qc_json.items() if k != "meta"},
     }
     pre["packed_tensors_read_from"] = sorted(source)
+    if decompressed:
+        # transformers unpacked these to dense weights on this device: the evaluation ran with
+        # exactly the checkpoint's dequantized values, but in memory they are dense
+        pre["decompressed_in_memory"] = len(decompressed)
     if hdr:
         pre["checkpoint_tensor_bytes"] = sum(b for _, _, b in hdr.values()) // 8
     info = {

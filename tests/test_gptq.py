@@ -294,4 +294,4 @@ def test_stories260k_perplexity(calib_file, gs):
     # rtn4 4.11 gptq4 3.95; groups of 32: rtn3 5.02 gptq3 4.38, rtn4 4.02 gptq4 3.86
     assert r["gptq3"] < 0.95 * r["rtn3"], r
     assert r["gptq4"] < r["rtn4"], r
-    assert r["gptq4"] < r["fp"] * (1.08 if gs == -1 else 1.04), r
+    assert r["gptq4"] < r["fp"] * (1.08 if gs == -1 else 1.06), r

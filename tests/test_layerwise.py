@@ -165,3 +165,28 @@ def test_layers_moved_to_device_and_back(monkeypatch):
     monkeypatch.setattr(nn.Module, "to", spy)
     run_layerwise(m, torch.randint(0, 97, (2, 8)), lambda s: None, device="cpu", progress=False)
     assert moves == []  # already on the compute device: nothing moved
+
+
+def test_memoize_reuses_submodule_outputs_and_matches():
+    """A memoized sub-module runs once per batch; later passes and the final outputs reuse it."""
+    m = tiny("llama", 2)
+    ids = torch.randint(0, 97, (5, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = m(ids, output_hidden_states=True).hidden_states
+    counts = {"attn": 0}
+    seen = []
+
+    def cb(step):
+        seen.append(torch.cat([h.clone() for h in step.inputs]))
+        h = step.layer.self_attn.q_proj.register_forward_hook(lambda *a: counts.__setitem__("attn", counts["attn"] + 1))
+        step.memoize(step.layer.self_attn)
+        a = step.forward(collect=True)
+        b = step.forward(collect=True)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+        h.remove()
+        assert "forward" not in step.layer.self_attn.__dict__  # patch removed after each pass
+
+    run_layerwise(m, ids, cb, batch_size=2, progress=False)
+    assert counts["attn"] == 2 * 3  # 2 layers x 3 batches: computed once, reused on the 2nd pass
+    torch.testing.assert_close(seen[1], ref[1], rtol=0, atol=1e-5)

@@ -7,6 +7,7 @@ windows, exp of the mean NLL of every token but each window's first) within 1e-4
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -111,6 +112,11 @@ def test_token_text_survives_lm_eval_encoding(tiny):
     lm = HFLM(pretrained=str(tiny), device="cpu", batch_size=1)
     ctx, cont = g.TokenText("Once ", [5]), g.TokenText("upon\n", [7, 8, 9])
     assert lm._encode_pair(ctx, cont) == ([5], [7, 8, 9])
+    # lm-eval may load the task file as a second module object: its TokenText must work too
+    spec = importlib.util.spec_from_file_location("gptq_ppl_copy", PPL_DIR / "gptq_ppl.py")
+    copy_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy_mod)
+    assert lm._encode_pair(copy_mod.TokenText("x", [1]), g.TokenText("y", [2, 3])) == ([1], [2, 3])
     # plain strings are still tokenized normally
     assert lm.tok_encode("Once upon") == lm.tokenizer.encode("Once upon", add_special_tokens=False)
 
@@ -189,7 +195,7 @@ def test_cli_merges_model_args_into_the_task(tiny, data_dir, tmp_path):
            "--include_path", str(PPL_DIR), "--tasks", "wikitext2_gptq", "--device", "cpu",
            "--batch_size", "4", "--limit", "3", "--metadata", json.dumps({"ppl_seqlen": 32}),
            "--output_path", str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-2000:]
     files = list(out.rglob("results*.json"))
     assert files

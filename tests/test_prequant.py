@@ -359,3 +359,73 @@ def test_refusal_names_checkpoint_kind_for_awq(tmp_path):
     with pytest.raises(QuantArgError) as e:
         prequant.check_prequantized(d, "gptq")
     assert "awq 4-bit group_size=128" in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------ compressed-tensors
+def pack_compressed_tensors(src: Path, dst: Path, bits: int = BITS, group: int = GROUP) -> dict:
+    """`src` as a compressed-tensors "pack-quantized" checkpoint: symmetric int4, groups of 32,
+    q in [-8, 7] packed by compressed_tensors' own pack_to_int32, fp16 scales [out, in/32],
+    weight_shape. Returns {module: dequantized weight [out, in]}."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copy(f, dst / f.name)
+    out, deq = {}, {}
+    qmax = 2 ** (bits - 1) - 1
+    for k, v in load_file(str(src / "model.safetensors")).items():
+        mod = k[: -len(".weight")] if k.endswith(".weight") else None
+        if mod is None or mod.split(".")[-1] not in LINEARS:
+            out[k] = v.contiguous()
+            continue
+        W = v.float()
+        o, i = W.shape
+        Wg = W.reshape(o, i // group, group)
+        scale = (Wg.abs().amax(-1).clamp_min(1e-8) / qmax).half()
+        q = torch.clamp(torch.round(Wg / scale.float().unsqueeze(-1)), -qmax - 1, qmax).to(torch.int8)
+        deq[mod] = (q.float() * scale.float().unsqueeze(-1)).reshape(o, i)
+        out[mod + ".weight_packed"] = pack_to_int32(q.reshape(o, i), bits)
+        out[mod + ".weight_scale"] = scale.contiguous()
+        out[mod + ".weight_shape"] = torch.tensor([o, i], dtype=torch.int64)
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized",
+                                      "input_activations": None, "output_activations": None,
+                                      "weights": {"num_bits": bits, "type": "int", "symmetric": True,
+                                                  "strategy": "group", "group_size": group, "dynamic": False}}},
+    }
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return deq
+
+
+def test_compressed_tensors_checkpoint_loads_and_accounts(tiny, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "ct"
+    deq = pack_compressed_tensors(Path(tiny), d)
+    assert prequant.check_prequantized(d, None)["format"] == "pack-quantized"
+    m = AutoModelForCausalLM.from_pretrained(str(d))
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    fp = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    ids = torch.randint(3, 400, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for name, W in deq.items():
+            ref.get_submodule(name).weight.copy_(W)
+        got, want = m(ids).logits.float(), ref(ids).logits
+        d_fp = (fp(ids).logits - want).abs().max().item()
+    assert (got - want).abs().max().item() < d_fp / 100
+    info = prequant.account_prequantized(m)
+    # per matrix: n*4 packed + (n/32) fp16 scales + 2 int64 for the shape
+    n_q = LAYERS * sum(o * i for o, i in SHAPES)
+    bits_q = LAYERS * sum(o * i * 4 + (o * i // 32) * 16 + 128 for o, i in SHAPES)
+    assert info["params_quantized"] == n_q and info["layers_quantized"] == 14
+    assert info["bits_per_quantized_weight"] == bits_q / n_q
+    assert info["quant_config"]["method"] == "compressed-tensors" and info["quant_config"]["group_size"] == 32
+    n_un = sum(p.numel() for p in fp.parameters()) - n_q
+    assert info["total_bits"] == n_un * 32 + bits_q

@@ -352,6 +352,9 @@ def test_sweep_sigkill_resume_equals_uninterrupted(world, tmp_path):
                                          "group_size=16,format=int,sym=False")
     assert r["config"]["limit"] == 6 and r["n-samples"][TASK]["effective"] == 6
     assert r["sweep"]["bits"] == 4 and r["sweep"]["family"] == "tiny" and r["sweep"]["size"] == "b"
+    # as with the lm_eval CLI, the tasks got the model_args as metadata
+    assert r["configs"][TASK]["metadata"]["pretrained"] == str(world["models"][1])
+    assert r["configs"][TASK]["metadata"]["bits"] == 4
     assert Path(status["tiny-b__rtn-w4-g16-int"].results_path).parent == out / "cells" / "tiny-b__rtn-w4-g16-int"
 
     # a third run of the finished sweep redoes nothing (failed cells left alone on request)

@@ -35,12 +35,10 @@ def test_ray_launcher_runs_cells_as_ray_tasks(tmp_path, monkeypatch):
         "model_args": {"dtype": "float32"},
         "harness": {"limit": 4, "device": "cpu", "include_path": [str(tasks)], "include_defaults": False},
     }
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        res = run_sweep(spec, tmp_path / "out", launcher="ray", progress=False)
-        driver_pid = __import__("os").getpid()
-    finally:
-        ray.shutdown()
+    # no address: run_sweep starts a local Ray instance itself, and shuts it down after
+    res = run_sweep(spec, tmp_path / "out", launcher="ray", ray_address=None, progress=False)
+    driver_pid = __import__("os").getpid()
+    assert not ray.is_initialized()
     st = {c.name: c for c in res.cells}
     assert {n: c.status for n, c in st.items()} == {
         "tiny-r__none-w16": "done", "tiny-r__rtn-w4-g16-int": "done", "tiny-r__rtnbad-w4-g48-int": "failed"}

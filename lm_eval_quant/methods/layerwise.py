@@ -288,6 +288,7 @@ class LayerStep:
         self.kwargs = kwargs
         self._memo: dict[int, tuple[nn.Module, dict[int, Any]]] = {}
         self._batch = -1
+        self._calls: dict[int, int] = {}
 
     def memoize(self, module: nn.Module) -> None:
         """Reuse ``module``'s output per batch in later :meth:`forward` calls (and the runner's final pass).
@@ -305,12 +306,15 @@ class LayerStep:
         for mod, store in self._memo.values():
             orig = mod.forward
 
-            def fwd(*a, _orig=orig, _store=store, **k):
-                b = self._batch
-                if b in _store:
-                    return _store[b]
+            def fwd(*a, _orig=orig, _store=store, _mid=id(mod), **k):
+                # key: (batch, n-th call of this module in this batch) -- safe for modules called twice
+                n = self._calls.get(_mid, 0)
+                self._calls[_mid] = n + 1
+                key = (self._batch, n)
+                if key in _store:
+                    return _store[key]
                 out = _orig(*a, **k)
-                _store[b] = out
+                _store[key] = out
                 return out
 
             patched.append((mod, mod.__dict__.get("forward")))  # an instance forward (accelerate hooks) is kept
@@ -331,6 +335,7 @@ class LayerStep:
         try:
             for b in range(len(self.inputs)):
                 self._batch = b
+                self._calls.clear()
                 out = _first_output(self.layer(self.inputs[b], *self.args[b], **self.kwargs[b]))
                 self.inputs[b] = out.to(self.inputs[b].dtype)
         finally:
@@ -372,6 +377,7 @@ class LayerStep:
         try:
             for b in (range(len(self.inputs)) if batches is None else batches):
                 self._batch = b
+                self._calls.clear()
                 if stop_after:
                     pending.clear()
                     pending.update(targets)

@@ -55,7 +55,7 @@ def task_include_paths(harness: dict) -> list[str]:
     return paths
 
 
-def make_task_manager(tasks: list[str], harness: dict):
+def make_task_manager(tasks: list[str], harness: dict, metadata: dict | None = None):
     """A TaskManager over the include paths (+ our task_configs). ``include_defaults: auto``
     first indexes only those (fast) and adds lm-eval's ~10 s built-in index only when a task
     is not found there. Returns (manager, missing task names)."""
@@ -65,17 +65,35 @@ def make_task_manager(tasks: list[str], harness: dict):
     inc = harness.get("include_defaults", "auto")
     if inc == "auto":
         if paths:
-            tm = TaskManager(include_path=paths, include_defaults=False)
+            tm = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
             missing = [t for t in tasks if not tm.match_tasks([t])]
             if not missing:
                 return tm, []
         inc = True
-    tm = TaskManager(include_path=paths or None, include_defaults=bool(inc))
+    tm = TaskManager(include_path=paths or None, include_defaults=bool(inc), metadata=metadata)
     missing = [t for t in tasks if not tm.match_tasks([t])]
     return tm, missing
 
 
 _TM_CACHE: dict[str, tuple] = {}
+
+
+def with_metadata(tm, metadata: dict):
+    """The server's task index with this cell's metadata (what ``TaskManager(metadata=...)``
+    sets), without indexing again; None where lm-eval's internals differ (then rebuild)."""
+    import copy
+
+    try:
+        from lm_eval.tasks._factory import TaskFactory
+
+        if not hasattr(tm, "_factory") or not hasattr(tm, "metadata"):
+            return None
+        tm = copy.copy(tm)
+        tm.metadata = metadata
+        tm._factory = TaskFactory(meta=metadata)
+        return tm
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _tm_key(tasks, harness) -> str:
@@ -108,11 +126,17 @@ def run_cell(cell_dir: Path) -> int:
 
     lap("imports")
     tasks = list(cfg["tasks"])
+    # like the lm_eval CLI: tasks see the model_args (+ --metadata) as their metadata
+    # (e.g. the perplexity tasks read the tokenizer's name from it)
+    from lm_eval.utils import simple_parse_args_string
+
+    metadata = simple_parse_args_string(cfg["model_args"]) | dict(harness.get("metadata") or {})
     key = _tm_key(tasks, harness)
-    if key in _TM_CACHE:  # prepared by the cell server before it forked this process
-        tm, missing = _TM_CACHE[key]
-    else:
-        tm, missing = make_task_manager(tasks, harness)
+    tm = None
+    if key in _TM_CACHE:  # indexed by the cell server before it forked this process
+        tm, missing = with_metadata(_TM_CACHE[key][0], metadata), _TM_CACHE[key][1]
+    if tm is None:
+        tm, missing = make_task_manager(tasks, harness, metadata)
     lap("task_index")
     if missing:
         raise QuantArgError(

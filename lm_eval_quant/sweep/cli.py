@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--gen-kwargs", "--gen_kwargs", dest="gen_kwargs")
     h.add_argument("--log-samples", "--log_samples", dest="log_samples", action="store_true", default=None)
     h.add_argument("--seed", type=int)
+    h.add_argument("--metadata", help="JSON object of task metadata (like lm_eval --metadata)")
     h.add_argument("--cell-timeout", "--cell_timeout", dest="cell_timeout", type=float,
                    help="seconds; a cell running longer is killed and recorded as failed")
     r = p.add_argument_group("run control")
@@ -147,6 +148,17 @@ def spec_from_args(a) -> "object":
         if k in ("batch_size", "apply_chat_template", "include_defaults") and isinstance(v, str):
             v = _typed(v)
         harness[k] = v
+    if a.metadata:
+        import json
+
+        try:
+            md = json.loads(a.metadata)
+        except json.JSONDecodeError as e:
+            raise QuantArgError(f"sweep: --metadata must be a JSON object ({e.msg})") from None
+        if not isinstance(md, dict):
+            raise QuantArgError("sweep: --metadata must be a JSON object, e.g. '{\"max_seq_lengths\": [4096]}'")
+        harness["metadata"] = md
+        d.pop("metadata", None)
     if a.include_path:
         paths = [x for s in a.include_path for x in s.split(":") if x]
         harness["include_path"] = paths

@@ -1,5 +1,6 @@
 """``--launcher ray``: every cell becomes one Ray task (``num_gpus=1`` when the cluster has GPUs,
-else ``num_cpus=1``) on the cluster at ``ray.init(address=...)`` (None: a local instance).
+else ``num_cpus=1``) on the cluster at ``ray.init(address=...)`` (None: a new local instance;
+``auto``: the cluster ``ray start`` runs on this machine; ``ray://host:10001`` or ``host:6379``).
 
 The task runs the same ``python -m lm_eval_quant.sweep.cell CELL_DIR`` subprocess as the local
 launcher, so a cell is isolated and committed the same way; the output folder must be on a
@@ -44,8 +45,11 @@ def launch_ray(cells, out_dir, log, results, res_of, save_status, bar, spec, ray
         raise QuantArgError("sweep: --launcher ray needs Ray: pip install 'lm-eval-quant[ray]'") from None
     started_here = False
     if not ray.is_initialized():
-        kw = {"address": ray_address, "ignore_reinit_error": True, "log_to_driver": False}
-        if ray_address is None:
+        # None means a new local instance ("local"); Ray's own None would instead attach to any
+        # cluster `ray start` left recorded on this machine (and hang if that one is gone)
+        ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
+        kw = {"address": ray_address or "local", "ignore_reinit_error": True, "log_to_driver": False}
+        if not ray_address:
             kw.update(include_dashboard=False)
         try:
             ray.init(**kw)

@@ -261,7 +261,7 @@ def run_cell_subprocess(cell_dir: Path, env: dict | None = None, timeout: float 
         proc = subprocess.Popen(
             [python or sys.executable, "-m", "lm_eval_quant.sweep.cell", str(cell_dir)],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env if env is not None else cell_env(), cwd=str(cell_dir),
+            env=env if env is not None else cell_env(),
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         if on_start:

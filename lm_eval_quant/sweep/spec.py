@@ -42,6 +42,7 @@ HARNESS_OPTIONS: dict[str, tuple] = {
     "include_path": ((str, list, type(None)),),
     "include_defaults": ((bool, str),),
     "cell_timeout": ((int, float, type(None)),),
+    "metadata": ((dict, type(None)),),
 }
 HARNESS_DEFAULTS: dict[str, Any] = {
     "limit": None,
@@ -140,6 +141,8 @@ class ModelSpec:
             )
         pre = str(d["pretrained"])
         name = str(d.get("name") or Path(pre.rstrip("/")).name or pre)
+        if Path(pre).expanduser().exists():  # a local folder: absolute, so every cell process finds it
+            pre = str(Path(pre).expanduser().resolve())
         ma = dict(d.get("model_args") or {})
         if "pretrained" in ma:
             raise QuantArgError("sweep spec: give 'pretrained' as the model's own key, not inside model_args")
@@ -309,6 +312,11 @@ class SweepSpec:
         for k in list(d):
             if k in HARNESS_OPTIONS:
                 harness[k] = d.pop(k)
+        inc = harness.get("include_path")
+        if isinstance(inc, str):
+            inc = [p for p in inc.split(":") if p]
+        if isinstance(inc, list):  # relative to the current folder, made absolute for the cell processes
+            harness["include_path"] = [str(Path(str(p)).expanduser().resolve()) for p in inc]
         unknown = set(d) - TOP_KEYS
         if unknown:
             raise QuantArgError(

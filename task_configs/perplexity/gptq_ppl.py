@@ -73,28 +73,33 @@ def _error(msg: str) -> Exception:
 class TokenText(str):
     """A string that stands for an exact list of token ids.
 
-    ``str(t)`` is the decoded text (for logs and samples); ``t.ids`` the ids the model must see.
+    ``str(t)`` is the decoded text (for logs and samples); ``t.ids`` (attribute ``lmq_token_ids``) the ids the model must see.
     Concatenating two TokenTexts concatenates the ids; ``rstrip`` returns the text unchanged
     (lm-eval moves trailing spaces of a context into the continuation, which would split the ids).
     """
 
-    ids: tuple[int, ...]
+    lmq_token_ids: tuple[int, ...]
 
     def __new__(cls, text: str, ids):
         obj = str.__new__(cls, text)
-        obj.ids = tuple(int(i) for i in ids)
+        obj.lmq_token_ids = tuple(int(i) for i in ids)
         return obj
 
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return self.lmq_token_ids
+
     def __add__(self, other):
-        if isinstance(other, TokenText):
-            return TokenText(str.__add__(self, other), self.ids + other.ids)
+        other_ids = getattr(other, "lmq_token_ids", None)
+        if other_ids is not None:
+            return TokenText(str.__add__(self, other), self.lmq_token_ids + tuple(other_ids))
         return str.__add__(self, other)
 
     def rstrip(self, chars=None):  # noqa: D102 - atomic: see class docstring
         return self
 
     def __reduce__(self):  # pickle (lm-eval's request cache) keeps the ids
-        return (TokenText, (str(self), self.ids))
+        return (TokenText, (str(self), self.lmq_token_ids))
 
 
 def install_token_text_support() -> None:
@@ -106,8 +111,10 @@ def install_token_text_support() -> None:
         return
 
     def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
-        if isinstance(string, TokenText):
-            ids = list(string.ids)
+        # duck-typed: lm-eval may import this file more than once (as different module objects)
+        ids = getattr(string, "lmq_token_ids", None) if isinstance(string, str) else None
+        if ids is not None:
+            ids = list(ids)
             return ids[-left_truncate_len:] if left_truncate_len else ids
         return orig(
             self, string, add_special_tokens=add_special_tokens,
