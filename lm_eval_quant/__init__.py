@@ -7,8 +7,6 @@ Importing this package is cheap: nothing heavy (torch, lm_eval) is imported here
 
 from __future__ import annotations
 
-from pathlib import Path
-
 __version__ = "0.1.0"
 
 _REGISTERED = False
@@ -31,8 +29,14 @@ def register() -> None:
     _REGISTERED = True
 
 
-def task_dir() -> Path:
-    """Folder of the task YAMLs shipped with the package (wheel) or beside it (checkout)."""
+def task_dir():
+    """Folder of the task YAMLs shipped with the package (wheel) or beside it (checkout).
+
+    Returns a :class:`pathlib.Path`; pathlib is imported here, not at module level, so the
+    interpreter start-up hook (which imports this package) stays under its 5 ms budget.
+    """
+    from pathlib import Path
+
     here = Path(__file__).resolve().parent
     packaged = here / "task_configs"
     if packaged.is_dir():

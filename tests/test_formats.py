@@ -199,3 +199,28 @@ def test_canonical_names():
     assert make_format("int", 4, False).stat_bits == 32
     assert make_format("int", 4, True).stat_bits == 16
     assert make_format("int", 4, False).bits_per_weight(128) == 4.25
+
+
+@pytest.mark.parametrize("spec,bits,sym", [("int", 4, False), ("int", 3, True), ("int", 8, False),
+                                           ("nf", 4, True), ("fp", 4, True), ("dynamic", 5, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [32, -1])
+def test_fake_quantize_in_place_is_bit_identical(spec, bits, sym, dtype, group):
+    from lm_eval_quant.formats import fake_quantize_
+
+    g = torch.Generator().manual_seed(7)
+    W = (torch.randn(48, 96, generator=g) * 0.05).to(dtype)
+    W[3] = 0.0  # a dead row: scale fallback
+    fmt = make_format(spec, bits, sym)
+    ref = quantize_weight(W, fmt, group).w_hat
+    ptr = W.data_ptr()
+    out = fake_quantize_(W, fmt, group)
+    assert out is W and W.data_ptr() == ptr  # really in place
+    assert W.dtype == dtype
+    assert torch.equal(W, ref)
+    # a transposed (non-contiguous) view, as Conv1D weights are seen: written back through the view
+    base = (torch.randn(96, 48, generator=g) * 0.05).to(dtype)
+    view = base.t()
+    ref_t = quantize_weight(view.contiguous(), fmt, group).w_hat
+    fake_quantize_(view, fmt, group)
+    assert torch.equal(base.t(), ref_t)

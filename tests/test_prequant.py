@@ -288,20 +288,7 @@ def toy_task(tmp_path_factory):
 
 @needs_wrapper
 @needs_gptq
-@pytest.mark.parametrize(
-    "method_arg",
-    [
-        ",method=none",
-        pytest.param(
-            "",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="hf_quant defaults method to rtn; it must default to none for a pre-quantized "
-                "checkpoint (prequant.check_prequantized before build_config) — requested from the lead",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("method_arg", [",method=none", ""])
 def test_end_to_end_gptq_checkpoint(gptq_ckpt, toy_task, method_arg):
     import lm_eval
     from lm_eval.tasks import TaskManager

@@ -5,13 +5,14 @@
     fmt = make_format("nf", bits=4)                    # bitsandbytes' NF4 values at 4 bits
     fmt = make_format("dynamic", bits=4)               # dynamic exponent (2212.09720)
     res = quantize_weight(W, fmt, group_size=128)      # res.w_hat, res.codes, res.scale, res.zero
+    fake_quantize_(W, fmt, group_size=128)             # same w_hat, in place, no codes (RTN)
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-from .base import Format, QParams, QuantizedWeight, block_length, quantize_weight
+from .base import Format, QParams, QuantizedWeight, block_length, fake_quantize_, quantize_weight
 from .grids import FP_DEFAULT_SPLIT, dynamic_grid, fp_grid, nf_grid, parse_fp_spec
 
 FORMAT_KINDS = ("int", "fp", "nf", "dynamic")

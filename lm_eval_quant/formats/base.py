@@ -147,3 +147,29 @@ def quantize_weight(
     w_hat = fmt.dequantize(codes, qp).reshape(out_f, in_f).to(W.dtype)
     zero = None if qp.zero is None else qp.zero.squeeze(-1)
     return QuantizedWeight(w_hat, codes.reshape(out_f, in_f), qp.scale.squeeze(-1), zero, g)
+
+
+@torch.no_grad()
+def fake_quantize_(W: torch.Tensor, fmt: Format, group_size: int, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Fake-quantize a [out, in] matrix block-wise IN PLACE and return it.
+
+    The result is bit-identical to ``quantize_weight(W, fmt, group_size, clip).w_hat`` but no codes
+    are materialised: for int formats a float32 contiguous ``W`` is rewritten through
+    ``div_ / round_ / add_ / clamp_ / sub_ / mul_`` on its own storage (the statistics cost one
+    min and one max pass); other dtypes or layouts go through one float32 work copy, copied back.
+    Grid formats (fp, nf, dynamic) need one bucketize pass and a gather.
+    """
+    out_f, in_f = W.shape
+    g = block_length(in_f, group_size)
+    direct = W.dtype == torch.float32 and W.is_contiguous()
+    work = W if direct else W.float().contiguous()
+    blocks = work.view(out_f, in_f // g, g)
+    qp = fmt.fit(blocks, clip)
+    if fmt.kind == "grid":
+        idx = torch.bucketize(blocks / qp.scale, fmt._mid.to(W.device))
+        torch.mul(fmt.grid.to(W.device)[idx], qp.scale, out=blocks)
+    else:
+        blocks.div_(qp.scale).round_().add_(qp.zero).clamp_(0, fmt.maxq).sub_(qp.zero).mul_(qp.scale)
+    if not direct:
+        W.copy_(work)
+    return W

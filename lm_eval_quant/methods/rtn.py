@@ -1,7 +1,8 @@
 """Round-to-nearest: every weight block quantized independently to its nearest grid point.
 
 No data is needed. Works with every number format (int sym/asym, fp, nf, dynamic) and any group
-size; the work is one vectorised `quantize_weight` call per linear layer.
+size; the work is one vectorised in-place `fake_quantize_` call per linear layer (bit-identical
+to `quantize_weight(...).w_hat`, without materialising codes or extra full-size copies).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..formats import make_format, quantize_weight
+from ..formats import fake_quantize_, make_format
 from .base import (
     Method,
     QuantConfig,
@@ -39,10 +40,11 @@ class RTN(Method):
         for name, mod in tqdm(linears, desc=f"rtn {cfg.bits}-bit", unit="layer", disable=not ctx.progress):
             untie_if_shared(model, mod)
             W = weight_matrix(mod)
-            src = W.device
-            Wc = W.to(device) if (device is not None and device.type != src.type) else W
-            res = quantize_weight(Wc, fmt, cfg.group_size)
-            set_weight_matrix(mod, res.w_hat.to(src))
+            if device is not None and device.type != W.device.type:
+                # weights kept on CPU (or offloaded), compute device elsewhere: round trip one layer
+                set_weight_matrix(mod, fake_quantize_(W.to(device), fmt, cfg.group_size).to(W.device))
+            else:
+                fake_quantize_(W, fmt, cfg.group_size)
             report.quantized.append(name)
             report.modified.append(f"{name}.weight")
         report.seconds = time.perf_counter() - t0

@@ -18,11 +18,10 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
 
 from .. import __version__
@@ -71,6 +70,8 @@ def config_from_model_args(kwargs: dict) -> tuple[Any, dict, dict]:
     for k in list(rest):
         if k in owners and k not in hf:
             opts[k] = rest.pop(k)  # build_config reports "x is an option of method=y"
+    if wrap.get("save_quantized") and "keep_qstate" in method.OPTIONS:
+        opts.setdefault("keep_qstate", "true")  # export writes the exact integer state
     cfg = build_config(**core, **opts)
     return cfg, wrap, get_method(cfg.method)
 
@@ -92,7 +93,6 @@ def _precheck_shapes(pretrained: str, cfg, trust_remote_code: bool, revision: st
     check_group_size(quantizable_linears(meta, cfg.skip), cfg.group_size)
 
 
-@register_model("hf-quant")
 class HFQuantLM(HFLM):
     """HFLM whose model is quantized on the fly. See the module docstring."""
 
@@ -109,6 +109,23 @@ class HFQuantLM(HFLM):
     def _lmq_init(self, pretrained: Any = None, **kwargs: Any) -> None:
         if pretrained is None:
             raise QuantArgError("hf-quant: pretrained=PATH_OR_HUB_ID is required")
+        if isinstance(pretrained, str):
+            if pretrained.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(pretrained)):
+                raise QuantArgError(f"hf-quant: pretrained={pretrained} does not exist")
+            prequant = _prequant_module()
+            if prequant is not None:
+                # a pre-quantized checkpoint (GPTQ/AWQ/bnb/compressed-tensors) is evaluated as it
+                # is: method defaults to none, and asking for another method is one clear line
+                asked = kwargs.get("method")
+                qc = prequant.check_prequantized(
+                    pretrained,
+                    None if asked is None and "method" not in kwargs else (asked or "none"),
+                    revision=kwargs.get("revision"),
+                    subfolder=kwargs.get("subfolder") or "",
+                    trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
+                )
+                if qc and "method" not in kwargs:
+                    kwargs["method"] = "none"
         cfg, wrap, method = config_from_model_args(kwargs)
         self._lmq_cfg = cfg
         self._lmq_method = method
@@ -116,9 +133,11 @@ class HFQuantLM(HFLM):
         self._lmq_report: QuantReport | None = None
         self._lmq_accounting: dict | None = None
         self._lmq_timing: dict = {}
+        if wrap.get("save_quantized"):
+            from ..export import check_exportable
+
+            check_exportable(cfg)  # before any weights are read
         if isinstance(pretrained, str):
-            if pretrained.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(pretrained)):
-                raise QuantArgError(f"hf-quant: pretrained={pretrained} does not exist")
             _precheck_shapes(
                 pretrained,
                 cfg,
@@ -175,7 +194,7 @@ class HFQuantLM(HFLM):
         self._lmq_accounting = None
         prequant = _prequant_module()
         if cfg.is_baseline and prequant is not None and hasattr(prequant, "account_prequantized"):
-            self._lmq_accounting = prequant.account_prequantized(model, getattr(model, "config", None))
+            self._lmq_accounting = prequant.account_prequantized(model, cfg)
         if self._lmq_accounting is None:
             self._lmq_accounting = method.accounting(model, cfg, report)
         save = self._lmq_wrap.get("save_quantized")
@@ -236,5 +255,9 @@ def _prequant_module():
         return None
 
 
+# Registered once, after lm-eval's built-ins (the caller imported lm_eval.models first). Guarded:
+# the entry point, the .pth hook and the console script can all reach this module in one process.
+if "hf-quant" not in model_registry:
+    model_registry.register("hf-quant")(HFQuantLM)
+
 __all__ = ["HFQuantLM", "config_from_model_args"]
-_ = Path
