@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec lm-eval-quant demo --out "${1:-demo_out}"
+# usage: bash scripts/demo.sh [OUT_DIR] [demo flags, e.g. --sizes S,M --methods rtn]
+out="${1:-demo_out}"
+shift || true
+exec lm-eval-quant demo --out "$out" "$@"

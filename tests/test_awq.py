@@ -237,11 +237,74 @@ def test_block_error_of_awq_is_below_rtn_on_a_layer():
     assert err(noclip) < err(rtn)
 
 
+class _TwoHeads(nn.Module):
+    """A module whose output is the concatenation of two linears on one input."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x, *, gain=1.0):
+        return torch.cat([self.a(x), self.b(x)], -1) * gain
+
+
+def test_module_loss_equals_closed_form_when_the_module_is_the_concatenation():
+    X, W = _outlier_problem(seed=4)
+    a, b = nn.Linear(64, 24, bias=False), nn.Linear(64, 24, bias=False)
+    with torch.no_grad():
+        a.weight.copy_(W[:24])
+        b.weight.copy_(W[24:])
+    mod = _TwoHeads(a, b)
+    fmt = make_format("int", 3, False)
+    xs = [X[:256], X[256:]]  # two "calibration batches", called with a keyword arg
+    calls = [((x,), {"gain": 1.0}, mod(x).detach()) for x in xs]
+    s1, a1, m1 = A.search_scale_module(mod, calls, [a, b], X.abs().mean(0), fmt, 32, n_grid=10)
+    s2, a2, m2 = A.search_scale([a.weight, b.weight], X.t() @ X, X.abs().mean(0), X.shape[0], fmt, 32, n_grid=10)
+    assert torch.allclose(m1.float(), m2.float(), rtol=1e-3)
+    assert a1 == a2 > 0 and torch.equal(s1, s2)
+    assert torch.equal(a.weight, W[:24]) and torch.equal(b.weight, W[24:])  # weights restored
+
+
+def test_enclosing_module_is_the_lowest_common_ancestor():
+    model = _llama()
+    layer = model.model.layers[0]
+    mod, name = A._enclosing_module(layer, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
+    assert mod is layer.self_attn and name == "self_attn"
+    assert A._enclosing_module(layer, ["mlp.gate_proj", "mlp.up_proj"])[1] == "mlp"
+    assert A._enclosing_module(layer, ["self_attn.o_proj"]) == (None, "")  # one linear: linear loss
+    assert A._enclosing_module(layer, ["self_attn.v_proj", "mlp.up_proj"]) == (None, "")  # the layer itself
+
+
+@pytest.mark.parametrize("loss", ["module", "linear"])
+def test_loss_option_picks_the_search_per_group(loss):
+    model = _llama()
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    log = A.awq_quantize_model(model, ids, _cfg(), quantize=False, loss=loss)
+    want = {"self_attn.q_proj+self_attn.k_proj+self_attn.v_proj": "module:self_attn",
+            "self_attn.o_proj": "linear", "mlp.gate_proj+mlp.up_proj": "module:mlp", "mlp.down_proj": "linear"}
+    for g, kind in want.items():
+        assert log["loss"][f"model.layers.1:{g}"] == (kind if loss == "module" else "linear")
+    assert log["loss_fallback"] == [] and any(a > 0 for a in log["alpha"].values())
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_clip_qk_false_leaves_query_key_projections_unclipped():
+    log = A.awq_quantize_model(_llama(), _ids(4, 16), _cfg(), clip_qk=False)
+    assert sorted(n.rsplit(".", 1)[1] for n in log["clip_skipped"]) == ["k_proj"] * 2 + ["q_proj"] * 2
+    assert not any("q_proj" in n or "k_proj" in n for n in log["clip_mean"])
+    log = A.awq_quantize_model(_llama(), _ids(4, 16), _cfg())  # default: clipped like the others
+    assert log["clip_skipped"] == [] and any("q_proj" in n for n in log["clip_mean"])
+
+
 # ------------------------------------------------------------------------------ user arguments
 @pytest.mark.parametrize("kw,frag", [
     (dict(n_grid="0"), "n_grid"),
     (dict(clip_grid="0"), "clip_grid"),
     (dict(max_shrink="1.5"), "max_shrink"),
+    (dict(loss="block"), "loss"),
     (dict(nsamples="0"), "nsamples"),
     (dict(calib="nosuchset"), "calib"),
     (dict(calib="/nonexistent/file.jsonl"), "does not exist"),
@@ -257,6 +320,8 @@ def test_options_parse():
     cfg = build_config(method="awq", bits="3", group_size="32", n_grid="10", clip="false", seqlen="64")
     assert cfg.options["n_grid"] == 10 and cfg.options["clip"] is False and cfg.options["seqlen"] == 64
     assert cfg.options["calib"] == "auto" and cfg.options["nsamples"] == 128
+    assert cfg.options["loss"] == "module" and cfg.options["clip_qk"] is True
+    assert build_config(method="awq", bits="3", loss="linear").options["loss"] == "linear"
 
 
 # --------------------------------------------------------------- trained models: perplexities

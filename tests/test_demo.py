@@ -66,10 +66,10 @@ def test_spec_is_a_valid_sweep(tmp_path):
     spec = demo_spec(models, ["rtn", "gptq"], [16, 8, 4, 3, 2], tmp_path / "t", tmp_path / "c.txt")
     cells = SweepSpec.from_dict(spec).cells(check_methods=False)
     names = sorted(c.name for c in cells)
-    # per model: none-16, rtn 8/4/3/2, gptq 4/3 → 7 cells
-    assert len(cells) == 14
-    assert "a__none-w16" in names and f"b__gptq-w3-g{GROUP_SIZE}-int" in names
-    assert not any("gptq-w2" in n or "gptq-w8" in n for n in names)
+    # per model: none-16, rtn 8/4/3/2, gptq 4/3/2 → 8 cells
+    assert len(cells) == 16
+    assert "a__none-w16" in names and f"b__gptq-w2-g{GROUP_SIZE}-int" in names
+    assert not any("gptq-w8" in n for n in names)
     g = next(c for c in cells if c.method == "gptq")
     assert g.options["calib"] == str(tmp_path / "c.txt")
 
@@ -98,7 +98,8 @@ def test_demo_smoke(tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "2 of 2 cells finished (0 failed)" in text
-    assert "toy_story_cloze (acc)" in text and "Best under" in text
+    assert "toy_story_cloze (acc)" in text and "toy_story_ppl (word_perplexity)" in text
+    assert "Best under" in text and "lower is better" in text
     rep = out / "report"
     for f in ("report.md", "report.csv", "scaling.png", "pareto.png", "scaling_points.csv"):
         assert (rep / f).stat().st_size > 0, f
@@ -118,7 +119,7 @@ def test_demo_smoke(tmp_path, capsys, monkeypatch):
     with open(rep / "scaling_points.csv") as fh:
         pts = list(csv.DictReader(fh))
     assert sorted((p["method"], float(p["total_bits"]), float(p["value"])) for p in pts) == sorted(
-        (r["method"], float(r["total_bits"]), float(r["toy_story_cloze:acc"])) for r in rows)
+        (r["method"], float(r["total_bits"]), float(r["toy_story_ppl:word_perplexity"])) for r in rows)
     # the cells wrote standard lm-eval results files carrying our quantization block
     res = sorted((out / "sweep" / "cells").glob("*/results_*.json"))
     assert len(res) == 2

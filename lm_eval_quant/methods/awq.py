@@ -8,11 +8,22 @@ outputs of the already quantized previous layers):
    ``LayerStep.linear_groups``), the per-input-channel mean ``s_x = mean|x|`` and the Gram matrix
    ``H = Xᵀ X`` (``in × in``).  With H the quantization error of any weight ``Ŵ`` on all
    calibration tokens is exact and cheap: ``||X Ŵᵀ − X Wᵀ||² = Σ_rows e H eᵀ`` (e = Ŵ − W row).
-2. **Scale search.** For α = i/n_grid, i = 0..n_grid−1 (α = 0 is plain RTN):
-   ``s = s_x^α`` (s_x clamped ≥ 1e-4), normalised by ``√(max s · min s)``; the loss is the MSE of
-   the group's *concatenated linear outputs* ``X [Q(W·diag(s))·diag(s)⁻¹]ᵀ`` against ``X Wᵀ``
-   (our choice of "block": the linears' outputs, not the attention/MLP module output as in the
-   paper; it makes the search a closed form in H, vectorised over α).  The best α is kept.
+2. **Scale search.**  For α = i/n_grid, i = 0..n_grid−1 (α = 0 is plain RTN):
+   ``s = s_x^α`` (s_x clamped ≥ 1e-4), normalised by ``√(max s · min s)``; the group's quantized
+   linears get ``Q(W·diag(s))·diag(s)⁻¹`` and the best α (smallest loss; ties to the smaller α) is
+   kept.  The loss (option ``loss``):
+   * ``module`` (default, the paper's "module2inspect"): MSE of the output of the group's
+     *enclosing module* — the lowest common ancestor of its linears inside the decoder layer
+     (q/k/v → ``self_attn``; gate/up → ``mlp``) — against its full-precision output, on the
+     calibration tokens.  Its positional and keyword args and its output are recorded during the
+     fp forward of step 1 (forward pre-hook ``with_kwargs=True``); for each α the weights are
+     swapped in, the module is called once per calibration batch, and the weights are restored.
+     One-linear groups (o, down, GPT-2 ``c_attn``) use the linear loss below, which is then exactly
+     the same thing; a group whose only common ancestor is the decoder layer, or whose module does
+     not reproduce its recorded output when called standalone, falls back to it too (reported in
+     ``extra["awq"]["loss_fallback"]``).  Costs ``n_grid`` forwards of the modules per layer.
+   * ``linear``: MSE of the group's *concatenated linear outputs* ``X [Q(W·s)/s]ᵀ`` against
+     ``X Wᵀ``, in closed form in H, vectorised over α (cheaper, no module forwards).
 3. **Fold.** ``1/s`` goes into what produces the group's input, ``s`` into the linears' input
    columns, so the full-precision function is unchanged:
    * a norm (LayerNorm / RMSNorm) whose output tensor *is* the group input: ``weight /= s`` (and
@@ -31,11 +42,17 @@ outputs of the already quantized previous layers):
    ratios from 1.0 down to ``max_shrink`` (0.5), clamp the weights to ``±ratio·max|w|``, quantize,
    and keep the ratio with the smallest error of that group's partial output
    ``X_g (ŵ_g − w_g)ᵀ`` on the calibration tokens (the diagonal blocks of H, as the AWQ code
-   measures it).  The weights are clamped to the chosen ratio.
+   measures it).  The weights are clamped to the chosen ratio.  ``clip_qk=false`` does as the
+   reference code and leaves the query/key projections (``q_*``, ``k_*``, ``query``, ``key``,
+   fused ``qkv`` / ``Wqkv`` / ``c_attn``) unclipped: their errors meet in ``q·kᵀ``, which the
+   partial-output error does not measure (``extra["awq"]["clip_skipped"]``).  The default
+   (``true``) clips them too: 3-bit stories260K perplexity 5.96 vs 6.22 (per-channel) and 4.57 vs
+   4.72 (g32) with ``loss=linear``; the 150-step toy Llama prefers ``false`` (2.0505 vs 2.0586).
 5. Quantize with round-to-nearest in the chosen format (every format: int sym/asym, fp, nf,
    dynamic) and group size.
 
-Options: ``n_grid`` (20; 1 disables the scale search), ``clip`` (true), ``clip_grid`` (20),
+Options: ``n_grid`` (20; 1 disables the scale search), ``loss`` (``module``|``linear``, default
+``module``), ``clip`` (true), ``clip_qk`` (true), ``clip_grid`` (20),
 ``max_shrink`` (0.5), ``calib`` (``auto``: the paper's Pile validation set, falling back to c4 then
 wikitext2 — see calibration.py for where each comes from; or c4|wikitext2|pile|PATH),
 ``nsamples`` (128), ``seqlen`` (512, as the paper; clipped to the model maximum), ``calib_seed``
@@ -70,6 +87,7 @@ __all__ = [
     "AWQ",
     "fake_quant",
     "search_scale",
+    "search_scale_module",
     "search_clip",
     "apply_clip",
     "scale_candidates",
@@ -79,6 +97,14 @@ __all__ = [
 # elements per temporary [chunk, out, in] tensor in the searches (~128 MB in fp32)
 _BUDGET = 1 << 25
 _NORM_HINTS = ("norm", "ln")
+# linears whose outputs meet in the q·kᵀ product are not clipped (as llm-awq / AutoAWQ: "due to qk bmm,
+# it is hard to clip precisely"); c_attn / qkv_proj / query_key_value are fused q/k/v projections
+_NO_CLIP = ("q_", "k_", "query", "key", "wqkv", "qkv", "c_attn")
+
+
+def _no_clip(name: str) -> bool:
+    leaf = name.rpartition(".")[2].lower()
+    return any(h in leaf for h in _NO_CLIP)
 
 
 # ----------------------------------------------------------------------------------------- math
@@ -122,6 +148,43 @@ def search_scale(weights: list[torch.Tensor], H: torch.Tensor, x_mean: torch.Ten
         losses[a0 : a0 + chunk] = ((E @ H) * E).sum(dim=(1, 2)).double().cpu()
         del E
     mse = losses / max(1, n_tokens * out_f)
+    best = int(torch.argmin(mse))  # first minimum: the smallest α among ties
+    return S[best].clone(), float(alphas[best]), mse
+
+
+@torch.no_grad()
+def search_scale_module(module: nn.Module, calls: list, members: list[nn.Module], x_mean: torch.Tensor,
+                        fmt, group_size: int, n_grid: int = 20) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """AWQ grid search over α measured on the output of the enclosing ``module`` (the paper's loss).
+
+    calls: ``[(args, kwargs, ref_out), ...]`` recorded during the full-precision forward of the layer
+    (one entry per calibration batch); members: the group's linears that will be quantized (they
+    must live inside ``module``).  For each α the members' weights are temporarily replaced by
+    ``Q(W·diag(s))·diag(s)⁻¹``, ``module`` is called on every recorded input and the squared error
+    of its (first) output against ``ref_out`` is summed; the weights are restored afterwards.
+    Returns ``(s, best_alpha, mse)`` like :func:`search_scale` (``mse[0]`` is plain RTN).
+    """
+    dev = weight_matrix(members[0]).device
+    alphas = torch.arange(n_grid, dtype=torch.float32, device=dev) / n_grid
+    S = scale_candidates(x_mean.to(dev), alphas)
+    W0 = [weight_matrix(m).float().clone() for m in members]
+    saved = [m.weight.data.clone() for m in members]
+    losses = torch.empty(n_grid, dtype=torch.float64)
+    numel = sum(int(ref.numel()) for _, _, ref in calls)
+    try:
+        for i in range(n_grid):
+            s = S[i]
+            for m, W in zip(members, W0):
+                set_weight_matrix(m, fake_quant(W * s[None, :], fmt, group_size) / s[None, :])
+            tot = torch.zeros((), dtype=torch.float64, device=dev)
+            for args, kwargs, ref in calls:
+                out = _first(module(*args, **kwargs))
+                tot += ((out.float() - ref.float()) ** 2).sum(dtype=torch.float64)
+            losses[i] = float(tot)
+    finally:
+        for m, d in zip(members, saved):
+            m.weight.data.copy_(d)
+    mse = losses / max(1, numel)
     best = int(torch.argmin(mse))  # first minimum: the smallest α among ties
     return S[best].clone(), float(alphas[best]), mse
 
@@ -271,6 +334,56 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
+def _enclosing_module(layer: nn.Module, locals_: list[str]) -> tuple[nn.Module | None, str]:
+    """Lowest common ancestor (inside ``layer``) of the group's linears, by their local names.
+
+    ``(None, "")`` for a one-linear group (its own output is the loss: the H closed form is exact) and
+    when the only common ancestor is the decoder layer itself.
+    """
+    if len(locals_) < 2:
+        return None, ""
+    parts = [n.split(".") for n in locals_]
+    common: list[str] = []
+    for xs in zip(*parts):
+        if any(x != xs[0] for x in xs):
+            break
+        common.append(xs[0])
+    if not common or any(len(p) == len(common) for p in parts):
+        return None, ""
+    name = ".".join(common)
+    try:
+        return layer.get_submodule(name), name
+    except AttributeError:
+        return None, ""
+
+
+class _Capture:
+    """Records ``(args, kwargs, first output)`` of every call of one module during a forward."""
+
+    def __init__(self, module: nn.Module):
+        self.calls: list[tuple[tuple, dict, torch.Tensor]] = []
+        self._pending: tuple | None = None
+        self.ok = True
+        self.handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True),
+                        module.register_forward_hook(self._post)]
+
+    def _pre(self, mod, args, kwargs):
+        self._pending = (tuple(args), dict(kwargs))
+
+    def _post(self, mod, args, out):
+        o = _first(out)
+        if self._pending is None or not isinstance(o, torch.Tensor):
+            self.ok = False
+            return
+        self.calls.append((*self._pending, o.detach()))
+        self._pending = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 class _Stats:
     __slots__ = ("H", "absum", "n")
 
@@ -290,9 +403,27 @@ class _Stats:
         return (self.absum / max(1, self.n)).float()
 
 
+@torch.no_grad()
+def _module_replays(cap, tol: float) -> bool:
+    """Can the captured module be called standalone on its first recorded input (same output)?"""
+    mod, _, c = cap
+    if not c.ok or not c.calls:
+        return False
+    args, kwargs, ref = c.calls[0]
+    try:
+        out = _first(mod(*args, **kwargs))
+    except Exception:
+        return False
+    if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
+        return False
+    err = _rel_err(out, ref)
+    return math.isfinite(err) and err <= tol
+
+
 # ------------------------------------------------------------------------------------ the layer
 def _awq_layer(step, qnames: set[str], fmt, group_size: int, n_grid: int, clip: bool, clip_grid: int,
-               max_shrink: float, quantize: bool, log: dict, modified: set[str]) -> None:
+               max_shrink: float, quantize: bool, log: dict, modified: set[str], loss: str = "module",
+               clip_qk: bool = True) -> None:
     layer = step.layer
     all_lin = step.linears()  # every linear of the layer: folds must scale skipped consumers too
     if not any(n in qnames for n, _ in all_lin):
@@ -324,6 +455,19 @@ def _awq_layer(step, qnames: set[str], fmt, group_size: int, n_grid: int, clip: 
             if first["on"] and isinstance(out, torch.Tensor):
                 outputs[id(out)] = (_n, mod, out)
         handles.append(sub.register_forward_hook(post))
+    # loss=module: record the inputs/outputs of each multi-linear group's enclosing module
+    captures: list[tuple[nn.Module, str, _Capture] | None] = [None] * len(groups)
+    if loss == "module" and n_grid > 1:
+        by_mod: dict[int, _Capture] = {}
+        for gi, g in enumerate(groups):
+            if not any(n in qnames for n, _ in g):
+                continue
+            mod, mname = _enclosing_module(layer, [local_of[id(m)] for _, m in g])
+            if mod is None:
+                continue
+            if id(mod) not in by_mod:
+                by_mod[id(mod)] = _Capture(mod)
+            captures[gi] = (mod, mname, by_mod[id(mod)])
     try:
         # the first batch records identities; keep its tensors alive until producers are resolved
         step.forward(batches=[0])
@@ -351,6 +495,9 @@ def _awq_layer(step, qnames: set[str], fmt, group_size: int, n_grid: int, clip: 
     finally:
         for h in handles:
             h.remove()
+        for c in captures:
+            if c is not None:
+                c[2].remove()
 
     # probe for the fold check: the first calibration sample
     n0 = step.inputs[0].shape[0]
@@ -372,11 +519,22 @@ def _awq_layer(step, qnames: set[str], fmt, group_size: int, n_grid: int, clip: 
             log["unscaled"].append(f"{step.name}:{gname} (no foldable producer)")
             continue
         st = stats[gi]
-        s, alpha, mse = search_scale([weight_matrix(m) for _, m in qmem], st.H, st.mean, st.n, fmt,
-                                     group_size, n_grid)
+        key = f"{step.name}:{gname}"
+        cap = captures[gi]
+        if cap is not None and not _module_replays(cap, tol):
+            log["loss_fallback"].append(f"{key} ({cap[1]} cannot be called on its recorded inputs)")
+            cap = None
+        if cap is not None:
+            s, alpha, mse = search_scale_module(cap[0], cap[2].calls, [m for _, m in qmem], st.mean, fmt,
+                                                group_size, n_grid)
+            log["loss"][key] = f"module:{cap[1]}"
+        else:
+            s, alpha, mse = search_scale([weight_matrix(m) for _, m in qmem], st.H, st.mean, st.n, fmt,
+                                         group_size, n_grid)
+            log["loss"][key] = "linear"
         kind, pmod, rows, pname = prod
         if alpha == 0.0:
-            log["alpha"][f"{step.name}:{gname}"] = 0.0
+            log["alpha"][key] = 0.0
             continue
         saved = [(p, p.data.clone()) for m in [pmod] + [m for _, m in g] for p in _params_of(m).values()]
         _fold((kind, pmod, rows), [m for _, m in g], s)
@@ -389,8 +547,8 @@ def _awq_layer(step, qnames: set[str], fmt, group_size: int, n_grid: int, clip: 
             log["unscaled"].append(f"{step.name}:{gname} (fold into {pname} changes the output: rel err {err:.2e})")
             continue
         scales[gi] = s
-        log["alpha"][f"{step.name}:{gname}"] = alpha
-        log["mse_gain"][f"{step.name}:{gname}"] = float(mse[0] / mse.min()) if float(mse.min()) > 0 else 1.0
+        log["alpha"][key] = alpha
+        log["mse_gain"][key] = float(mse[0] / mse.min()) if float(mse.min()) > 0 else 1.0
         modified.update(f"{name_of[id(m)]}.weight" for _, m in g)
         if kind == "norm":
             modified.update(f"{step.name}.{pname}.{k}" for k in _params_of(pmod))
@@ -408,18 +566,21 @@ def _awq_layer(step, qnames: set[str], fmt, group_size: int, n_grid: int, clip: 
             if n not in qnames:
                 continue
             W = weight_matrix(m).float()
-            if clip:
+            if clip and not clip_qk and _no_clip(n):
+                log["clip_skipped"].append(n)
+            elif clip:
                 ratio = search_clip(W, H, fmt, group_size, clip_grid, max_shrink)
                 W = apply_clip(W, ratio, group_size)
                 log["clip_mean"][n] = float(ratio.mean())
             set_weight_matrix(m, quantize_weight(W, fmt, group_size).w_hat)
             modified.add(n + ".weight")
             log["quantized"].append(n)
-    del stats
+    del stats, captures
 
 
 # ------------------------------------------------------------------------------------ the method
 _CALIB_AUTO = ("pile", "c4", "wikitext2")
+_LOSSES = ("module", "linear")
 
 
 def _get_calibration(tok, o: dict, model) -> tuple[torch.Tensor, dict]:
@@ -452,7 +613,7 @@ def _get_calibration(tok, o: dict, model) -> tuple[torch.Tensor, dict]:
 def awq_quantize_model(model: nn.Module, input_ids: torch.Tensor, cfg: QuantConfig, *, n_grid: int = 20,
                        clip: bool = True, clip_grid: int = 20, max_shrink: float = 0.5,
                        quantize: bool = True, device=None, batch_size: int | None = None,
-                       progress: bool = False) -> dict:
+                       progress: bool = False, loss: str = "module", clip_qk: bool = True) -> dict:
     """Run AWQ on ``model`` with calibration tokens ``input_ids [n, seqlen]``; returns a log dict.
 
     ``quantize=False`` only searches and folds the scales (the model's function is unchanged:
@@ -465,12 +626,15 @@ def awq_quantize_model(model: nn.Module, input_ids: torch.Tensor, cfg: QuantConf
     all_lin = quantizable_linears(model, cfg.skip)
     check_group_size(all_lin, cfg.group_size)
     qnames = {n for n, _ in all_lin}
-    log: dict[str, Any] = {"alpha": {}, "mse_gain": {}, "unscaled": [], "clip_mean": {}, "quantized": []}
+    if loss not in _LOSSES:
+        raise QuantArgError(f"hf-quant: loss={loss} must be one of {'|'.join(_LOSSES)} (module = the paper's)")
+    log: dict[str, Any] = {"alpha": {}, "mse_gain": {}, "unscaled": [], "clip_mean": {}, "quantized": [],
+                           "loss": {}, "loss_fallback": [], "clip_skipped": []}
     modified: set[str] = set()
 
     def cb(step):
         _awq_layer(step, qnames, fmt, cfg.group_size, int(n_grid), bool(clip), int(clip_grid),
-                   float(max_shrink), quantize, log, modified)
+                   float(max_shrink), quantize, log, modified, loss, bool(clip_qk))
 
     run_layerwise(model, input_ids, cb, device=device, batch_size=batch_size, progress=progress, desc="awq")
     rtn_outside = []
@@ -493,7 +657,9 @@ class AWQ(Method):
     needs_calibration = True
     OPTIONS = {
         "n_grid": (int, 20),
+        "loss": (str, "module"),
         "clip": (bool, True),
+        "clip_qk": (bool, True),
         "clip_grid": (int, 20),
         "max_shrink": (float, 0.5),
         "calib": (str, "auto"),
@@ -518,6 +684,8 @@ class AWQ(Method):
         o = self._opts(cfg)
         if int(o["n_grid"]) < 1:
             raise QuantArgError(f"hf-quant: n_grid={o['n_grid']} must be >= 1 (1 = no scale search; the paper uses 20)")
+        if str(o["loss"]).lower() not in _LOSSES:
+            raise QuantArgError(f"hf-quant: loss={o['loss']} must be module or linear (module = the paper's enclosing-module output)")
         if int(o["clip_grid"]) < 1:
             raise QuantArgError(f"hf-quant: clip_grid={o['clip_grid']} must be >= 1 (the paper uses 20)")
         if not 0.0 < float(o["max_shrink"]) <= 1.0:
@@ -543,15 +711,17 @@ class AWQ(Method):
             model, ids, cfg, n_grid=int(o["n_grid"]), clip=bool(o["clip"]), clip_grid=int(o["clip_grid"]),
             max_shrink=float(o["max_shrink"]), quantize=True, device=getattr(ctx, "device", None),
             batch_size=int(o["calib_batch"]) or None, progress=bool(getattr(ctx, "progress", True)),
+            loss=str(o["loss"]).lower(), clip_qk=bool(o["clip_qk"]),
         )
         alphas = list(log["alpha"].values())
         extra = {
             "calibration": calib_info,
             "awq": {
-                "n_grid": int(o["n_grid"]), "clip": bool(o["clip"]), "clip_grid": int(o["clip_grid"]),
+                "n_grid": int(o["n_grid"]), "loss": str(o["loss"]).lower(), "loss_by_group": log["loss"],
+                "loss_fallback": log["loss_fallback"], "clip": bool(o["clip"]), "clip_qk": bool(o["clip_qk"]), "clip_grid": int(o["clip_grid"]),
                 "max_shrink": float(o["max_shrink"]), "alpha": log["alpha"],
                 "alpha_mean": (sum(alphas) / len(alphas)) if alphas else None,
-                "unscaled": log["unscaled"], "clip_mean": log["clip_mean"],
+                "unscaled": log["unscaled"], "clip_mean": log["clip_mean"], "clip_skipped": log["clip_skipped"],
                 "rtn_outside_layers": log["rtn_outside_layers"],
             },
         }
