@@ -23,7 +23,7 @@ SUBCOMMANDS = {
     "export": ("lm_eval_quant.export", "main", "write a quantized model in the GPTQ checkpoint format"),
     "sweep": ("lm_eval_quant.sweep.cli", "main", "run a precision x model-size sweep"),
     "report": ("lm_eval_quant.report.cli", "main", "tables and plots from sweep results"),
-    "demo": ("lm_eval_quant.demo", "main", "quantize a tiny offline model at 16/8/4/3/2 bits"),
+    "demo": ("lm_eval_quant.demo", "main", "train tiny offline models, sweep methods × 16/8/4/3/2 bits, write the report"),
 }
 
 USAGE = f"""usage: {PROG} [lm_eval arguments ...]
