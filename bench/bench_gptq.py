@@ -157,6 +157,9 @@ def prepare_models(which: list[str], work: Path) -> dict[str, Path]:
     if "toy10m" in which:
         models["toy-llama-10M (random)"] = toy.cached_tiny_model(
             work / "toy", arch="llama", hidden=512, layers=4, heads=8, intermediate=1024, train_steps=0)
+    if "toy100m" in which:  # ~100 M parameters (404 MB fp32): where peak RSS / model means something
+        models["toy-llama-100M (random)"] = toy.cached_tiny_model(
+            work / "toy", arch="llama", hidden=1024, layers=8, heads=16, intermediate=2816, train_steps=0)
     return models
 
 
@@ -198,7 +201,7 @@ def main(argv=None):
     ap.add_argument("--model")
     ap.add_argument("--calib-pt")
     ap.add_argument("--calib-txt")
-    ap.add_argument("--models", nargs="+", default=["stories", "toy10m"], help="stories, toy10m")
+    ap.add_argument("--models", nargs="+", default=["stories", "toy10m"], help="stories, toy10m, toy100m")
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 3])
     ap.add_argument("--group-size", nargs="+", type=int, default=None,
                     help="default: -1 for stories260K (its 172-wide MLP fits no group), 128 for the toy")

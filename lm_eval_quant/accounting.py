@@ -63,12 +63,20 @@ def account(
         if id(p) not in qweights:
             total_bits += p.numel() * dtype_bits(p.dtype)
     total_bits += bits_q
+    return summary(cfg.to_dict(), params_total, params_q, len(quantized), bits_q, total_bits)
+
+
+def summary(quant_config, params_total: int, params_q: int, layers_q: int, bits_q: float,
+            total_bits: float, **extra) -> dict:
+    """The accounting block every path reports (fake quant, bitsandbytes, pre-quantized
+    checkpoints): the same keys, derived the same way from the counted bits. ``extra`` keys
+    (e.g. ``bnb``, ``prequantized``) are appended."""
     info = {
-        "quant_config": cfg.to_dict(),
+        "quant_config": quant_config,
         "params_total": params_total,
         "params_quantized": params_q,
         "fraction_quantized": (params_q / params_total) if params_total else 0.0,
-        "layers_quantized": len(quantized),
+        "layers_quantized": layers_q,
         "bits_per_quantized_weight": (bits_q / params_q) if params_q else None,
         "total_bits": total_bits,
         "total_bytes": total_bits / 8,
@@ -76,4 +84,5 @@ def account(
         "bits_per_param": total_bits / params_total if params_total else None,
         "lm_eval_quant_version": __version__,
     }
+    info.update(extra)
     return info

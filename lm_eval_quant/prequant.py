@@ -311,7 +311,6 @@ def account_prequantized(model, cfg=None) -> dict | None:
     (its method, bits, group_size, sym, desc_act, format), the byte breakdown per tensor kind,
     the nominal formula figure, and the checkpoint's on-disk tensor bytes when it is a local
     folder."""
-    from . import __version__
 
     qc = _as_dict(getattr(getattr(model, "config", None), "quantization_config", None))
     if not qc:
@@ -406,18 +405,7 @@ def account_prequantized(model, cfg=None) -> dict | None:
         pre["decompressed_in_memory"] = len(decompressed)
     if hdr:
         pre["checkpoint_tensor_bytes"] = sum(b for _, _, b in hdr.values()) // 8
-    info = {
-        "quant_config": _quant_config_dict(qc, method, cfg),
-        "params_total": params_total,
-        "params_quantized": params_q,
-        "fraction_quantized": (params_q / params_total) if params_total else 0.0,
-        "layers_quantized": len(qmods),
-        "bits_per_quantized_weight": (bits_q / params_q) if params_q else None,
-        "total_bits": total_bits,
-        "total_bytes": total_bits / 8,
-        "total_gb": total_bits / 8 / 1e9,
-        "bits_per_param": total_bits / params_total if params_total else None,
-        "lm_eval_quant_version": __version__,
-        "prequantized": pre,
-    }
-    return info
+    from .accounting import summary
+
+    return summary(_quant_config_dict(qc, method, cfg), params_total, params_q, len(qmods), bits_q,
+                   total_bits, prequantized=pre)

@@ -183,7 +183,6 @@ def bnb_account(model: nn.Module, cfg: QuantConfig | None = None, bnb_config: di
     """Bit accounting of a model whose linears are bitsandbytes modules (made by method=bnb or
     loaded from a pre-quantized bitsandbytes checkpoint). Same keys as accounting.account plus
     a "bnb" sub-dict (the config and the real block structure)."""
-    from .. import __version__
 
     lins = bnb_linears(model)
     qweight_ids = {id(m.weight) for _, m in lins}
@@ -231,20 +230,10 @@ def bnb_account(model: nn.Module, cfg: QuantConfig | None = None, bnb_config: di
             "code_table_bits": code_bits,
         }
     )
-    return {
-        "quant_config": cfg.to_dict() if cfg is not None else None,
-        "params_total": params_total,
-        "params_quantized": params_q,
-        "fraction_quantized": (params_q / params_total) if params_total else 0.0,
-        "layers_quantized": len(lins),
-        "bits_per_quantized_weight": (bits_q / params_q) if params_q else None,
-        "total_bits": total_bits,
-        "total_bytes": total_bits / 8,
-        "total_gb": total_bits / 8 / 1e9,
-        "bits_per_param": total_bits / params_total if params_total else None,
-        "lm_eval_quant_version": __version__,
-        "bnb": sub,
-    }
+    from ..accounting import summary  # (accounting imports methods.base: import here, no cycle)
+
+    return summary(cfg.to_dict() if cfg is not None else None, params_total, params_q, len(lins),
+                   bits_q, total_bits, bnb=sub)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

@@ -88,7 +88,6 @@ class GPTQSolver:
         mean_diag = torch.mean(torch.diag(H)).item()
         if not math.isfinite(mean_diag) or mean_diag <= 0:
             mean_diag = 1.0
-        eye = torch.arange(H.shape[0], device=H.device)
         base = H.diagonal().clone()
         d = damp
         for attempt in range(max_tries):
