@@ -54,6 +54,75 @@ def trained_llama(toy_root) -> Path:
     )
 
 
+# Outlier-channel recipe for `sensitive_llama` (see its docstring).
+SENSITIVE_CHANNELS = (5, 23, 41, 59)
+SENSITIVE_SCALE = 15.0
+
+
+def add_outlier_channels(model, channels=SENSITIVE_CHANNELS, k=SENSITIVE_SCALE):
+    """Function-preserving reparametrisation of a Llama: in every layer multiply RMSNorm weight
+    channels `channels` (input_layernorm, post_attention_layernorm) by k and divide the matching
+    input columns of the linears that read that norm's output (q/k/v_proj; gate/up_proj) by k.
+    The full-precision function is unchanged; the hidden activations entering those linears now
+    carry a few channels k times larger than the rest, as in real LLMs."""
+    import torch
+
+    idx = list(channels)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            for norm, lins in ((layer.input_layernorm, (att.q_proj, att.k_proj, att.v_proj)),
+                               (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+                norm.weight[idx] *= k
+                for lin in lins:
+                    lin.weight[:, idx] /= k
+    return model
+
+
+@pytest.fixture(scope="session")
+def sensitive_llama(toy_root, trained_llama) -> Path:
+    """`trained_llama` (same weights, same full-precision function) with emergent-outlier-like
+    structure added *after* training: `add_outlier_channels` with 4 of the 64 hidden channels
+    scaled x15 in every RMSNorm and divided back out of the consuming linears' input columns.
+
+    Why: the plain trained fixture is barely quantization-sensitive (3-bit RTN g32 +0.5%
+    perplexity) and longer/larger training on the synthetic stories makes it less so (600 steps:
+    fp 1.42, RTN3 +0.1%), so the error's direction, not its size, decides orderings there. Real
+    LLMs are sensitive largely because a few hidden channels carry very large activations (large
+    RMSNorm weights; LLM.int8()), which multiply the rounding error of the small weights that read
+    them: that is what AWQ's per-channel scales and GPTQ's compensation address. Here 3-bit RTN
+    costs ~+4.5% perplexity (fp 2.035). The folded model's logits equal the original's (checked
+    here, rel 1e-4). Built once per session (a few seconds) next to the toy cache.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    chans = "-".join(map(str, SENSITIVE_CHANNELS))
+    dest = Path(toy_root) / f"{Path(trained_llama).name}-outliers-{chans}-x{SENSITIVE_SCALE:g}"
+    if (dest / "model.safetensors").exists():
+        return dest
+    tok = AutoTokenizer.from_pretrained(trained_llama)
+    model = AutoModelForCausalLM.from_pretrained(trained_llama).eval()
+    ids = torch.tensor(tok("Once upon a time, there was a little cat named Lily. " * 4)["input_ids"])[None]
+    with torch.no_grad():
+        ref = model(ids).logits
+        add_outlier_channels(model)
+        out = model(ids).logits
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-4, f"outlier fold changed the function (rel {err:.2e})"
+    tmp = Path(tempfile.mkdtemp(dir=toy_root, prefix=".build-"))
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # someone else finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     s = shared_dir()
