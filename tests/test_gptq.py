@@ -229,6 +229,23 @@ def test_determinism_and_report(trained, calib_file):
     assert rep.extra["damp_retries"] == {}
 
 
+def test_forward_batch_does_not_change_the_result(trained, calib_file):
+    """forward_batch only splits the layer forwards: each linear's inputs are gathered back into the
+    whole calib batch before the Hessian update, so the quantized weights are the same bits."""
+    model, tok = trained
+    kw = dict(method="gptq", bits=3, group_size=32, calib=calib_file, nsamples=10, seqlen=64, calib_batch=4)
+    ref, _ = quantized(model, tok, forward_batch=4, **kw)  # one forward per calib batch (old behaviour)
+    for fb in (1, 3):
+        m, _ = quantized(model, tok, forward_batch=fb, **kw)
+        sd, sdr = m.state_dict(), ref.state_dict()
+        assert all(torch.equal(sd[k], sdr[k]) for k in sd), fb
+    m, _ = quantized(model, tok, forward_batch=1, true_sequential=False, **kw)
+    r2, _ = quantized(model, tok, forward_batch=4, true_sequential=False, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), r2.state_dict().values()))
+    with pytest.raises(QuantArgError, match="forward_batch"):
+        build_config(method="gptq", bits=4, forward_batch=-1)
+
+
 def test_forced_cholesky_failure_in_model_warns_and_reports(trained, calib_file, monkeypatch):
     model, tok = trained
     real = torch.linalg.cholesky_ex

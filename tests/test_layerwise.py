@@ -190,3 +190,60 @@ def test_memoize_reuses_submodule_outputs_and_matches():
     run_layerwise(m, ids, cb, batch_size=2, progress=False)
     assert counts["attn"] == 2 * 3  # 2 layers x 3 batches: computed once, reused on the 2nd pass
     torch.testing.assert_close(seen[1], ref[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_micro_batch_same_outputs_and_chunks_reported(arch):
+    """micro_batch: a batch runs in chunks (hooks see them, LayerStep.chunk says which rows,
+    on_batch_end fires once per batch) and the layer outputs are the same as without it."""
+    ids = torch.randint(0, 97, (7, 12), generator=torch.Generator().manual_seed(5))
+
+    def run(mb):
+        m = tiny(arch, 2)
+        seen, chunks, ends = [], [], []
+
+        def cb(step):
+            seen.append(torch.cat([h.clone() for h in step.inputs]))
+            lin = step.linears()[0][1]
+            h = lin.register_forward_pre_hook(lambda mod, a: chunks.append((step.chunk, a[0].shape[0])))
+            step.forward(on_batch_end=ends.append)
+            h.remove()
+            assert step.chunk == (-1, 0, 0, 0)
+            outs = step.forward(collect=True)
+            assert [o.shape[0] for o in outs] == [h.shape[0] for h in step.inputs]
+            for _, mod in step.linears():  # change the layer: the next layer sees the changed outputs
+                with torch.no_grad():
+                    mod.weight.mul_(0.9)
+
+        run_layerwise(m, ids, cb, batch_size=3, micro_batch=mb, progress=False)  # batches 3, 3, 1
+        return seen, chunks, ends
+
+    ref, ref_chunks, ref_ends = run(None)
+    got, chunks, ends = run(2)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert ref_ends == ends == [0, 1, 2, 0, 1, 2]
+    assert ref_chunks[:3] == [((0, 0, 3, 3), 3), ((1, 0, 3, 3), 3), ((2, 0, 1, 1), 1)]
+    assert chunks[:5] == [((0, 0, 2, 3), 2), ((0, 2, 3, 3), 1), ((1, 0, 2, 3), 2), ((1, 2, 3, 3), 1),
+                          ((2, 0, 1, 1), 1)]
+
+
+def test_micro_batch_with_memoize_matches():
+    m1, m2 = tiny("llama", 2), tiny("llama", 2)
+    ids = torch.randint(0, 97, (5, 8), generator=torch.Generator().manual_seed(6))
+    res = {}
+    for key, m, mb in (("whole", m1, None), ("chunked", m2, 2)):
+        outs = []
+
+        def cb(step, outs=outs):
+            step.memoize(step.layer.self_attn)
+            a = step.forward(collect=True)
+            b = step.forward(collect=True)
+            for x, y in zip(a, b):
+                assert torch.equal(x, y)
+            outs.append(torch.cat(a))
+
+        run_layerwise(m, ids, cb, batch_size=4, micro_batch=mb, progress=False)
+        res[key] = outs
+    for a, b in zip(res["whole"], res["chunked"]):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)

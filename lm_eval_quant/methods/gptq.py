@@ -26,7 +26,14 @@ outputs of the already-quantized earlier ones.
 
 Options (``model_args``): damp=0.01, block_size=128, act_order=False, static_groups=False,
 true_sequential=True, calib=c4, nsamples=128, seqlen=2048, calib_seed=0, keep_qstate=False,
-calib_batch=0 (samples per forward; 0 = about 4096 tokens).
+calib_batch=0 (samples per Hessian update; 0 = about 4096 tokens), forward_batch=0 (samples per
+layer forward inside a calib batch; 0 = about 512 tokens; the result does not depend on it: the
+inputs of each linear are gathered back into the whole calib batch before the Hessian update).
+
+Memory: besides the model, one calib batch's layer activations of ``forward_batch`` samples, the
+calibration hidden states (nsamples × seqlen × hidden, model dtype), the self-attention outputs of
+all samples once attention is final (memoized to skip recomputing attention), one gathered linear
+input of ``calib_batch`` samples, the Hessians of the current group and one [in, in] Cholesky buffer.
 With ``keep_qstate=True`` the report's ``extra["qstate"][name]`` holds ``codes`` (uint8 [out, in], in
 the original column order), ``scale``/``zero`` (float32 [out, n_groups]; zero None for grid formats),
 ``g_idx`` (int32 [in], group of each original column), ``perm`` (int64 [in] or None), ``group_size``.
@@ -47,7 +54,7 @@ from lm_eval_quant.formats import Format, QParams, make_format, quantize_weight
 from lm_eval_quant.methods.base import (Method, QuantConfig, QuantContext, QuantReport, check_group_size,
                                        quantizable_linears, set_weight_matrix, untie_if_shared, weight_matrix)
 from lm_eval_quant.methods.calibration import get_calibration, model_max_seqlen, validate_calib_args
-from lm_eval_quant.methods.layerwise import LayerStep, find_decoder_layers, run_layerwise
+from lm_eval_quant.methods.layerwise import LayerStep, find_decoder_layers, release_free_memory, run_layerwise
 
 __all__ = ["GPTQSolver", "GPTQ"]
 
@@ -89,15 +96,24 @@ class GPTQSolver:
         if not math.isfinite(mean_diag) or mean_diag <= 0:
             mean_diag = 1.0
         base = H.diagonal().clone()
+        # One [in, in] work buffer for L, then H⁻¹, then U, in column-major (Fortran) order: LAPACK works
+        # in place on it and torch makes no internal column-major copy, so the peak is H + 1 buffer
+        # instead of H + L + H⁻¹ + U + a copy (for a 2816-wide down_proj: 64 MB instead of 160 MB).
+        # The results are the same bits as with fresh tensors.  H itself is kept for the retries.
+        # U is returned as that column-major view; the caller makes it contiguous once H is freed.
+        buf = torch.empty_like(H).mT
+        info_buf = torch.zeros((), dtype=torch.int32, device=H.device)
         d = damp
         for attempt in range(max_tries):
             H.diagonal().copy_(base + d * mean_diag)
-            L, info = torch.linalg.cholesky_ex(H)
+            L, info = torch.linalg.cholesky_ex(H, out=(buf, info_buf))
             if int(info) == 0:
-                Hinv = torch.cholesky_inverse(L)
-                U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+                Hinv = torch.cholesky_inverse(L, out=L)
+                U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True, out=(Hinv, info_buf))
                 if int(info2) == 0 and bool(torch.isfinite(U).all()):
                     return U, d, attempt
+                del Hinv, U
+            del L
             d = d * 10.0 if d > 0 else 1e-4
         raise RuntimeError(f"Cholesky failed even with damp={d / 10:g}")
 
@@ -131,6 +147,7 @@ class GPTQSolver:
 
         U, damp_used, retries = self._upper_chol_of_inverse(H, damp)
         del H
+        U = U.contiguous()  # row-major for the column loop (same values; H's memory is free by now)
 
         # Each group must be fitted on its current (error-updated) weights: make every group either lie
         # inside one block (gs < bs: bs a multiple of gs) or start at a block start (gs >= bs: bs divides
@@ -141,7 +158,6 @@ class GPTQSolver:
         else:
             bs = next(d for d in range(bs, 0, -1) if gs % d == 0)
 
-        Q = torch.empty_like(W)
         codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device) if keep_qstate else None
         scales = torch.empty(rows, n_groups, dtype=torch.float32, device=W.device)
         zeros = torch.empty(rows, n_groups, dtype=torch.float32, device=W.device) if fmt.kind == "int" else None
@@ -176,7 +192,7 @@ class GPTQSolver:
                 Err1[:, i:i + 1] = err
                 if i + 1 < i2 - i1:
                     W1[:, i + 1:].addmm_(err, U1[i:i + 1, i + 1:], alpha=-1.0)
-            Q[:, i1:i2] = Q1
+            W[:, i1:i2] = Q1  # the finished block's columns are never read again: W becomes Q in place
             loss += Err1.double().pow(2).sum() / 2
             if i2 < cols:
                 W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
@@ -187,6 +203,8 @@ class GPTQSolver:
                 if zeros is not None:
                     zeros[:, g] = p.zero[:, 0]
 
+        Q = W
+        del U
         # g_idx: group of each ORIGINAL column
         if perm is not None:
             invperm = torch.argsort(perm)
@@ -194,11 +212,11 @@ class GPTQSolver:
             if codes is not None:
                 codes = codes[:, invperm]
             if static_qp is not None:
-                g_idx = torch.arange(cols, device=W.device) // gs
+                g_idx = torch.arange(cols, device=Q.device) // gs
             else:
                 g_idx = invperm // gs
         else:
-            g_idx = torch.arange(cols, device=W.device) // gs
+            g_idx = torch.arange(cols, device=Q.device) // gs
         out: dict[str, Any] = {"w_hat": Q, "loss": float(loss), "damp": damp_used, "retries": retries,
                                "dead": n_dead}
         if keep_qstate:
@@ -216,6 +234,56 @@ def _as_bool(v: Any) -> bool:
     return bool(v)
 
 
+class _BatchGather:
+    """Forward pre-hooks that feed the solvers one whole calib batch at a time.
+
+    With ``micro_batch`` the layer runs on chunks of a batch; each linear's input chunks are copied
+    into one buffer of the batch's size (linears fed the very same tensor, q/k/v or gate/up, share a
+    buffer) and ``flush`` (the forward's ``on_batch_end``) hands every buffer to its solvers: each
+    solver sees exactly the tensor it would have seen from one forward of the whole batch, so H is
+    bit-identical to the unchunked run.  A batch run in one chunk goes to the solvers directly.
+    """
+
+    def __init__(self, step: LayerStep, solvers: dict[str, GPTQSolver]):
+        self.step = step
+        self.solvers = solvers
+        self.bufs: dict[str, torch.Tensor] = {}   # buffer key -> [rows of batch, ...] input
+        self.users: dict[str, list[str]] = {}     # buffer key -> solver names
+        self.seen: list[tuple[torch.Tensor, str]] = []  # inputs of the running chunk -> buffer key
+        self.chunk: tuple = ()
+
+    def hook(self, name: str):
+        def pre_hook(mod, args):
+            x = args[0]
+            b, s, e, n = self.step.chunk
+            if (s == 0 and e == n) or b < 0 or x.dim() == 0 or x.shape[0] != e - s:
+                # whole batch in one forward (or rows not batch-major): straight to the solver
+                self.solvers[name].add_batch(x)
+                return
+            if self.step.chunk != self.chunk:
+                self.chunk, self.seen = self.step.chunk, []
+            key = next((k for t, k in self.seen if t is x), None)
+            if key is None:
+                key = name
+                self.seen.append((x, key))
+                buf = self.bufs.get(key)
+                if buf is None:
+                    buf = self.bufs[key] = torch.empty((n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+                buf[s:e].copy_(x)
+            users = self.users.setdefault(key, [])
+            if name not in users:
+                users.append(name)
+        return pre_hook
+
+    def flush(self, b: int) -> None:
+        self.seen, self.chunk = [], ()
+        for key, buf in self.bufs.items():
+            for name in self.users.get(key, ()):
+                self.solvers[name].add_batch(buf)
+        self.bufs.clear()
+        self.users.clear()
+
+
 class GPTQ(Method):
     name = "gptq"
     needs_calibration = True
@@ -231,6 +299,7 @@ class GPTQ(Method):
         "calib_seed": (int, 0),
         "keep_qstate": (bool, False),
         "calib_batch": (int, 0),
+        "forward_batch": (int, 0),
     }
 
     def _opts(self, cfg: QuantConfig) -> dict:
@@ -253,6 +322,8 @@ class GPTQ(Method):
             raise QuantArgError(f"hf-quant: block_size={o['block_size']} must be a positive integer, e.g. 128")
         if int(o["calib_batch"]) < 0:
             raise QuantArgError(f"hf-quant: calib_batch={o['calib_batch']} must be >= 0 (0 = automatic)")
+        if int(o["forward_batch"]) < 0:
+            raise QuantArgError(f"hf-quant: forward_batch={o['forward_batch']} must be >= 0 (0 = automatic)")
         validate_calib_args(o["calib"], o["nsamples"], o["seqlen"], o["calib_seed"])
 
     def quantize(self, model: nn.Module, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
@@ -299,20 +370,19 @@ class GPTQ(Method):
                     children.append((child, ids))
             for group in groups:
                 solvers = {n: GPTQSolver(weight_matrix(m), step.device) for n, m in group}
-                handles = []
-                for n, m in group:
-                    def hook(mod, args, _s=solvers[n]):
-                        _s.add_batch(args[0])
-                    handles.append(m.register_forward_pre_hook(hook))
+                gather = _BatchGather(step, solvers)
+                handles = [m.register_forward_pre_hook(gather.hook(n)) for n, m in group]
                 try:
-                    step.forward(stop_after=[m for _, m in group])
+                    step.forward(stop_after=[m for _, m in group], on_batch_end=gather.flush)
                 finally:
                     for h in handles:
                         h.remove()
+                    del gather
                 for n, m in group:
                     res = solvers[n].quantize(fmt, cfg.group_size, damp, block, act_order, static, keep)
                     del solvers[n]
-                    set_weight_matrix(m, res["w_hat"])
+                    set_weight_matrix(m, res.pop("w_hat"))
+                    release_free_memory()
                     modified.append(n + ".weight")
                     quantized.append(n)
                     losses[n] = res["loss"]
@@ -328,9 +398,11 @@ class GPTQ(Method):
                         if ids <= done:
                             step.memoize(child)
 
+        seqlen = int(ids.shape[1])
+        fwd = int(o["forward_batch"]) or max(1, 512 // max(1, seqlen))
         run_layerwise(model, ids, quantize_layer, device=getattr(ctx, "device", None),
                       batch_size=int(o["calib_batch"]) or None, progress=bool(getattr(ctx, "progress", True)),
-                      desc="gptq")
+                      desc="gptq", micro_batch=fwd)
         # linears outside the decoder layers (e.g. lm_head with skip=none): round-to-nearest
         rtn_outside = []
         for n, m in all_lin:
