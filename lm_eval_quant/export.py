@@ -57,7 +57,8 @@ from .errors import QuantArgError
 
 EXPORT_BITS = (2, 3, 4, 8)
 EXPORT_METHODS = ("rtn", "gptq", "awq")
-_PREFIX = "export"
+_PREFIX = "export"  # error messages: "lm-eval-quant: error: export: ..."
+_PROG = "lm-eval-quant export"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,8 +265,6 @@ def recover_qstate(w_hat, bits: int, group_size: int, sym: bool, g_idx=None, nam
 
 
 def _dequant(qs: dict):
-    import torch
-
     gi = qs["g_idx"].long()
     return (qs["codes"].float() - qs["zero"][:, gi]) * qs["scale"][:, gi]
 
@@ -536,7 +535,7 @@ def _parse_model_args(s: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`lm-eval-quant export --model_args pretrained=…,method=…,bits=… --output DIR`."""
-    ap = argparse.ArgumentParser(prog="lm-eval-quant export", description="Quantize a model and write a GPTQ-format checkpoint.")
+    ap = argparse.ArgumentParser(prog=_PROG, description="Quantize a model and write a GPTQ-format checkpoint.")
     ap.add_argument("--model_args", "--model-args", dest="model_args", required=True,
                     help="pretrained=…,method=rtn|gptq|awq,bits=2|3|4|8,group_size=…,sym=… (+ method options)")
     ap.add_argument("--output", "-o", required=True, help="output folder (created)")
@@ -562,14 +561,13 @@ def main(argv: list[str] | None = None) -> int:
         check_exportable(cfg)
         out = Path(ns.output)
         _check_output(out)
-        args_source = args.get("pretrained")
         model, tok, report = _quantize(args, cfg, method, ns)
         save_quantized(model, cfg, out, report=report, tokenizer=tok, checkpoint_format=ns.checkpoint_format,
-                       source=args_source)
+                       source=args.get("pretrained"))
     except QuantArgError as e:
         print(f"lm-eval-quant: error: {e}", file=sys.stderr)
         return 2
-    print(f"lm-eval-quant export: wrote {cfg.method} {cfg.bits}-bit g{cfg.group_size} GPTQ checkpoint to {out}")
+    print(f"{_PROG}: wrote {cfg.method} {cfg.bits}-bit g{cfg.group_size} GPTQ checkpoint to {out}")
     return 0
 
 

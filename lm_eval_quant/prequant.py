@@ -175,22 +175,6 @@ def check_prequantized(
     return qc
 
 
-def check_combination(pretrained: Any, cfg: Any, load_kwargs: dict | None = None) -> dict | None:
-    """Hook for HFQuantLM._create_model (called with the parsed QuantConfig and HFLM's
-    from_pretrained kwargs): the same checks as `check_prequantized`, with the method taken from
-    the config (baseline = none)."""
-    kw = load_kwargs or {}
-    # (HFLM passes the checkpoint's own quantization_config back in; it says nothing new)
-    method = None if (cfg is None or getattr(cfg, "is_baseline", False)) else getattr(cfg, "method", None)
-    return check_prequantized(
-        pretrained,
-        method,
-        revision=kw.get("revision"),
-        subfolder=kw.get("subfolder") or "",
-        trust_remote_code=bool(kw.get("trust_remote_code", False)),
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # accounting (after loading)
 # --------------------------------------------------------------------------------------------

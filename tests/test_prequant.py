@@ -47,24 +47,35 @@ def _have(mod: str) -> bool:
 needs_gptq = pytest.mark.skipif(not (_have("gptqmodel") and _have("optimum")), reason="gptq extra not installed")
 
 
-def pack_gptq_v1(src: Path, dst: Path, bits: int = BITS, group: int = GROUP) -> dict:
-    """Write `src` (fp32 HF folder) as a GPTQ v1 checkpoint with symmetric RTN weights.
-    Returns {module name: dequantized weight [out, in] (fp32)}."""
-    from safetensors.torch import load_file, save_file
+def _split_checkpoint(src: Path, dst: Path):
+    """Start a quantized copy of the fp32 HF folder `src` in `dst`: copy every file but the
+    weights, and split the state dict into (tensors kept as they are, [(module, fp32 weight)]
+    of the linears to quantize)."""
+    from safetensors.torch import load_file
 
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and f.name != "model.safetensors":
             shutil.copy(f, dst / f.name)
-    sd = load_file(str(src / "model.safetensors"))
-    out, deq = {}, {}
-    per, maxq, zero = 32 // bits, 2**bits - 1, 2 ** (bits - 1)
-    for k, v in sd.items():
+    keep, linears = {}, []
+    for k, v in load_file(str(src / "model.safetensors")).items():
         mod = k[: -len(".weight")] if k.endswith(".weight") else None
         if mod is None or mod.split(".")[-1] not in LINEARS:
-            out[k] = v.contiguous()
-            continue
-        W = v.float()
+            keep[k] = v.contiguous()
+        else:
+            linears.append((mod, v.float()))
+    return keep, linears
+
+
+def pack_gptq_v1(src: Path, dst: Path, bits: int = BITS, group: int = GROUP) -> dict:
+    """Write `src` (fp32 HF folder) as a GPTQ v1 checkpoint with symmetric RTN weights.
+    Returns {module name: dequantized weight [out, in] (fp32)}."""
+    from safetensors.torch import save_file
+
+    out, linears = _split_checkpoint(src, dst)
+    deq = {}
+    per, maxq, zero = 32 // bits, 2**bits - 1, 2 ** (bits - 1)
+    for mod, W in linears:
         o, i = W.shape
         ng = i // group
         Wg = W.reshape(o, ng, group)
@@ -354,20 +365,12 @@ def pack_compressed_tensors(src: Path, dst: Path, bits: int = BITS, group: int =
     q in [-8, 7] packed by compressed_tensors' own pack_to_int32, fp16 scales [out, in/32],
     weight_shape. Returns {module: dequantized weight [out, in]}."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.name != "model.safetensors":
-            shutil.copy(f, dst / f.name)
-    out, deq = {}, {}
+    out, linears = _split_checkpoint(src, dst)
+    deq = {}
     qmax = 2 ** (bits - 1) - 1
-    for k, v in load_file(str(src / "model.safetensors")).items():
-        mod = k[: -len(".weight")] if k.endswith(".weight") else None
-        if mod is None or mod.split(".")[-1] not in LINEARS:
-            out[k] = v.contiguous()
-            continue
-        W = v.float()
+    for mod, W in linears:
         o, i = W.shape
         Wg = W.reshape(o, i // group, group)
         scale = (Wg.abs().amax(-1).clamp_min(1e-8) / qmax).half()

@@ -167,8 +167,7 @@ def search_scale_module(module: nn.Module, calls: list, members: list[nn.Module]
     dev = weight_matrix(members[0]).device
     alphas = torch.arange(n_grid, dtype=torch.float32, device=dev) / n_grid
     S = scale_candidates(x_mean.to(dev), alphas)
-    W0 = [weight_matrix(m).float().clone() for m in members]
-    saved = [m.weight.data.clone() for m in members]
+    W0 = [weight_matrix(m).float().clone() for m in members]  # exact upcast: also what is restored
     losses = torch.empty(n_grid, dtype=torch.float64)
     numel = sum(int(ref.numel()) for _, _, ref in calls)
     try:
@@ -182,8 +181,8 @@ def search_scale_module(module: nn.Module, calls: list, members: list[nn.Module]
                 tot += ((out.float() - ref.float()) ** 2).sum(dtype=torch.float64)
             losses[i] = float(tot)
     finally:
-        for m, d in zip(members, saved):
-            m.weight.data.copy_(d)
+        for m, W in zip(members, W0):
+            set_weight_matrix(m, W)
     mse = losses / max(1, numel)
     best = int(torch.argmin(mse))  # first minimum: the smallest α among ties
     return S[best].clone(), float(alphas[best]), mse

@@ -351,6 +351,13 @@ class LayerStep:
 
             yield s, e, x[s:e], _map_tensors(self.args[b], cut), _map_tensors(self.kwargs[b], cut)
 
+    def _enter_chunk(self, b: int, s: int, e: int) -> None:
+        """Book-keeping before a layer forward on rows [s, e) of batch ``b``: memo key, per-chunk call
+        counts, and :attr:`chunk` for the hooks."""
+        self._batch = (b, s)
+        self._calls.clear()
+        self.chunk = (b, s, e, int(self.inputs[b].shape[0]))
+
     def memoize(self, module: nn.Module) -> None:
         """Reuse ``module``'s output per batch in later :meth:`forward` calls (and the runner's final pass).
 
@@ -397,9 +404,7 @@ class LayerStep:
             for b in range(len(self.inputs)):
                 new = None
                 for s, e, x, args, kwargs in self._chunks(b):
-                    self._batch = (b, s)
-                    self._calls.clear()
-                    self.chunk = (b, s, e, int(self.inputs[b].shape[0]))
+                    self._enter_chunk(b, s, e)
                     out = _first_output(self.layer(x, *args, **kwargs)).to(self.inputs[b].dtype)
                     if s == 0 and e == self.inputs[b].shape[0]:
                         new = out
@@ -459,9 +464,7 @@ class LayerStep:
             for b in (range(len(self.inputs)) if batches is None else batches):
                 parts = []
                 for s, e, x, args, kwargs in self._chunks(b):
-                    self._batch = (b, s)
-                    self._calls.clear()
-                    self.chunk = (b, s, e, int(self.inputs[b].shape[0]))
+                    self._enter_chunk(b, s, e)
                     if stop_after:
                         pending.clear()
                         pending.update(targets)

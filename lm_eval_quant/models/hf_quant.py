@@ -24,7 +24,7 @@ import torch
 from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
 
-from .. import __version__
+from .. import __version__, prequant
 from ..errors import QuantArgError
 from ..methods import CORE_KEYS, QuantContext, QuantReport, build_config, get_method
 from ..methods.base import check_group_size, quantizable_linears
@@ -112,20 +112,19 @@ class HFQuantLM(HFLM):
         if isinstance(pretrained, str):
             if pretrained.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(pretrained)):
                 raise QuantArgError(f"hf-quant: pretrained={pretrained} does not exist")
-            prequant = _prequant_module()
-            if prequant is not None:
-                # a pre-quantized checkpoint (GPTQ/AWQ/bnb/compressed-tensors) is evaluated as it
-                # is: method defaults to none, and asking for another method is one clear line
-                asked = kwargs.get("method")
-                qc = prequant.check_prequantized(
-                    pretrained,
-                    None if asked is None and "method" not in kwargs else (asked or "none"),
-                    revision=kwargs.get("revision"),
-                    subfolder=kwargs.get("subfolder") or "",
-                    trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
-                )
-                if qc and "method" not in kwargs:
-                    kwargs["method"] = "none"
+            # a pre-quantized checkpoint (GPTQ/AWQ/bnb/compressed-tensors) is evaluated as it is:
+            # method defaults to none, and asking for another method is one clear line
+            # (lm-eval parses method=none as None)
+            asked = (kwargs["method"] or "none") if "method" in kwargs else None
+            qc = prequant.check_prequantized(
+                pretrained,
+                asked,
+                revision=kwargs.get("revision"),
+                subfolder=kwargs.get("subfolder") or "",
+                trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
+            )
+            if qc and asked is None:
+                kwargs["method"] = "none"
         cfg, wrap, method = config_from_model_args(kwargs)
         self._lmq_cfg = cfg
         self._lmq_method = method
@@ -151,10 +150,7 @@ class HFQuantLM(HFLM):
 
     # -- HFLM hook --------------------------------------------------------------------------
     def _create_model(self, pretrained: str, *args: Any, **kwargs: Any) -> None:
-        extra = self._lmq_method.load_kwargs(self._lmq_cfg)
-        prequant = _prequant_module()
-        if prequant is not None and hasattr(prequant, "check_combination"):
-            prequant.check_combination(pretrained, self._lmq_cfg, kwargs)
+        extra = self._lmq_method.load_kwargs(self._lmq_cfg)  # (pre-quantized: checked in _lmq_init)
         for k, v in extra.items():
             if k == "quantization_config" and kwargs.get("quantization_config") is not None:
                 raise QuantArgError(
@@ -192,8 +188,7 @@ class HFQuantLM(HFLM):
         self._lmq_timing["quantize_s"] = time.perf_counter() - t0
         self._lmq_report = report
         self._lmq_accounting = None
-        prequant = _prequant_module()
-        if cfg.is_baseline and prequant is not None and hasattr(prequant, "account_prequantized"):
+        if cfg.is_baseline:
             self._lmq_accounting = prequant.account_prequantized(model, cfg)
         if self._lmq_accounting is None:
             self._lmq_accounting = method.accounting(model, cfg, report)
@@ -244,15 +239,6 @@ def _running_cli() -> bool:
     if prog == "__main__.py":  # python -m lm_eval / python -m lm_eval_quant.cli
         return os.path.basename(os.path.dirname(argv0)) in ("lm_eval", "lm_eval_quant")
     return prog in ("lm_eval", "lm-eval", "lm-eval-quant")
-
-
-def _prequant_module():
-    try:
-        from .. import prequant
-
-        return prequant
-    except ImportError:
-        return None
 
 
 # Registered once, after lm-eval's built-ins (the caller imported lm_eval.models first). Guarded:
