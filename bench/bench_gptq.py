@@ -72,6 +72,61 @@ def _ppl(model, tok):
     return perplexity(model, ids, 128, batch_size=16)
 
 
+def gptqmodel_quantize(model_dir, calib, bits: int, group_size: int, act_order: bool = False, *, batch_size: int,
+                       damp: float = 0.01, act_group_aware: bool = False, defaults: bool = False):
+    """Quantize with GPTQModel 7.6.0 on the given calibration windows ([n, seqlen] token ids) and return
+    (an fp32 HF model holding its dequantized weights, seconds, PeakRSS, model bytes, modules).
+
+    Matched settings (default): asymmetric int, damp 0.01 (auto-increment 0.01), desc_act=act_order,
+    act_group_aware off, true_sequential, no disk offload, no static groups.  ``defaults=True`` keeps
+    GPTQModel's own defaults for damp (0.05) and act_group_aware (on) instead."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    kw = dict(bits=bits, group_size=group_size, desc_act=act_order, sym=False, true_sequential=True,
+              offload_to_disk=False, static_groups=False)
+    if not defaults:
+        kw.update(act_group_aware=act_group_aware, damp_percent=damp, damp_auto_increment=0.01)
+    elif act_order:
+        kw.update(act_group_aware=False)  # GPTQModel refuses desc_act together with its GAR default
+    qc = QuantizeConfig(**kw)
+    model = GPTQModel.load(str(model_dir), qc, device="cpu", dtype=torch.float32)
+    mbytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    data = [{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones(1, calib.shape[1], dtype=torch.long)}
+            for r in calib]
+    gc.collect()
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        model.quantize(data, batch_size=batch_size, calibration_sort=None)
+        seconds = time.perf_counter() - t0
+    # dequantize GPTQModel's packed weights into an fp32 HF model
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    mods = dict(ref.named_modules())
+    n = 0
+    with torch.no_grad():
+        for name, mod in model.model.named_modules():
+            if hasattr(mod, "dequantize_weight") and hasattr(mod, "qweight"):
+                w = mod.dequantize_weight().float()
+                tgt = mods[name].weight
+                if mod.qzero_format() == 1:
+                    # in memory right after quantize() the zeros are in GPTQ v1 layout (stored z-1), which
+                    # dequantize_weight() reads as z: every weight comes out one scale too high (checked:
+                    # relative error to the fp weight 0.31 as is, 0.11 after this correction)
+                    w = w - mod.scales.float()[mod.g_idx.long()]
+                w = w.t()  # GPTQModel dequantizes to [in, out]
+                assert w.shape == tgt.shape, (name, w.shape, tgt.shape)
+                tgt.copy_(w)
+                n += 1
+    del model
+    gc.collect()
+    return ref, seconds, mem, mbytes, n
+
+
 def worker(a) -> dict:
     import gc
 
@@ -102,40 +157,8 @@ def worker(a) -> dict:
             out["seconds"] = time.perf_counter() - t0
         out["ppl"] = _ppl(model, tok)
     else:
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-        from gptqmodel import GPTQModel, QuantizeConfig
-
-        qc = QuantizeConfig(bits=a.bits, group_size=a.group_size, desc_act=a.act_order, sym=False,
-                            act_group_aware=False, damp_percent=0.01, damp_auto_increment=0.01,
-                            true_sequential=True, offload_to_disk=False, static_groups=False)
-        model = GPTQModel.load(a.model, qc, device="cpu", dtype=torch.float32)
-        mbytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
-        data = [{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones(1, calib.shape[1], dtype=torch.long)}
-                for r in calib]
-        gc.collect()
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            model.quantize(data, batch_size=bs, calibration_sort=None)
-            out["seconds"] = time.perf_counter() - t0
-        # dequantize GPTQModel's packed weights into an fp32 HF model for the perplexity
-        ref = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-        mods = dict(ref.named_modules())
-        n = 0
-        with torch.no_grad():
-            for name, mod in model.model.named_modules():
-                if hasattr(mod, "dequantize_weight") and hasattr(mod, "qweight"):
-                    w = mod.dequantize_weight().float()
-                    tgt = mods[name].weight
-                    if mod.qzero_format() == 1:
-                        # in memory right after quantize() the zeros are in GPTQ v1 layout (stored z-1), which
-                        # dequantize_weight() reads as z: every weight comes out one scale too high (checked:
-                        # relative error to the fp weight 0.31 as is, 0.11 after this correction)
-                        w = w - mod.scales.float()[mod.g_idx.long()]
-                    w = w.t()  # GPTQModel dequantizes to [in, out]
-                    assert w.shape == tgt.shape, (name, w.shape, tgt.shape)
-                    tgt.copy_(w)
-                    n += 1
-        out["dequantized_modules"] = n
+        ref, out["seconds"], mem, mbytes, out["dequantized_modules"] = gptqmodel_quantize(
+            a.model, calib, a.bits, a.group_size, a.act_order, batch_size=bs)
         out["ppl"] = _ppl(ref, tok)
     out.update(peak_rss_mb=(mem.peak - mem.base) / 2**20, model_mb=mbytes / 2**20,
                peak_over_model=(mem.peak - mem.base) / mbytes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import __version__
-from .formats import make_format
+from .formats import make_format, n_groups
 from .methods.base import QuantConfig, weight_matrix
 
 
@@ -49,9 +49,9 @@ def account(
         w = mod.weight
         qweights.add(id(w))
         out_f, in_f = weight_matrix(mod).shape
-        block = in_f if cfg.group_size == -1 else cfg.group_size
         n = out_f * in_f
-        b = n * cfg.bits + (n // block) * fmt.stat_bits
+        # the real number of blocks: a shorter last group per row counts as a whole block of statistics
+        b = n * cfg.bits + out_f * n_groups(in_f, cfg.group_size) * fmt.stat_bits
         b += int((extra_bits or {}).get(name, 0))
         params_q += n
         bits_q += b

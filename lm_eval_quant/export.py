@@ -93,8 +93,6 @@ def _check_shapes(name: str, out_f: int, in_f: int, bits: int, group: int) -> No
             f"{_PREFIX}: layer {name} has out_features={out_f}; {bits}-bit GPTQ zero-point packing "
             f"needs out_features*bits divisible by 32"
         )
-    if group != -1 and in_f % group:
-        raise QuantArgError(f"{_PREFIX}: group_size={group} does not divide in_features={in_f} of {name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,10 +185,12 @@ def recover_qstate(w_hat, bits: int, group_size: int, sym: bool, g_idx=None, nam
     """
     import torch
 
+    from .formats.base import block_length, from_blocks, to_blocks
+
     W = w_hat.detach().to("cpu", torch.float32)
     out_f, in_f = W.shape
-    g = in_f if group_size == -1 else int(group_size)
-    n_groups = in_f // g
+    g = block_length(in_f, group_size)
+    n_groups = -(-in_f // g)  # a shorter last group when g does not divide in_f
     maxq = (1 << bits) - 1
     if g_idx is None:
         g_idx = torch.arange(in_f, dtype=torch.int32) // g
@@ -198,13 +198,16 @@ def recover_qstate(w_hat, bits: int, group_size: int, sym: bool, g_idx=None, nam
     else:
         g_idx = g_idx.to(torch.int32).cpu()
         counts = torch.bincount(g_idx.long(), minlength=n_groups)
-        if counts.numel() != n_groups or bool((counts != g).any()):
+        want = torch.full((n_groups,), g, dtype=counts.dtype)
+        want[-1] = in_f - (n_groups - 1) * g
+        if counts.numel() != n_groups or bool((counts != want).any()):
             raise QuantArgError(f"{_PREFIX}: g_idx of {name} does not have {n_groups} groups of {g} columns")
         perm = torch.argsort(g_idx.long(), stable=True)
         if bool((perm == torch.arange(in_f)).all()):
             perm = None
     Wp = W if perm is None else W[:, perm]
-    B = Wp.reshape(out_f * n_groups, g)
+    # [out·G, g]; a short last group is padded with copies of its own last value (same statistics)
+    B = to_blocks(Wp, g).reshape(out_f * n_groups, g)
 
     vmin = B.amin(dim=1)
     vmax = B.amax(dim=1)
@@ -255,7 +258,7 @@ def recover_qstate(w_hat, bits: int, group_size: int, sym: bool, g_idx=None, nam
                 f"was the model quantized with these settings?"
             )
     codes = (torch.round(B / scale.unsqueeze(1)) + zero.unsqueeze(1)).clamp(0, maxq)
-    codes = codes.reshape(out_f, in_f).to(torch.uint8)
+    codes = from_blocks(codes.reshape(out_f, n_groups, g), in_f).to(torch.uint8).contiguous()
     if perm is not None:
         full = torch.empty_like(codes)
         full[:, perm] = codes
@@ -345,6 +348,7 @@ def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict |
     from tqdm.auto import tqdm
 
     from . import __version__
+    from .formats.base import block_length
 
     check_exportable(cfg)
     if checkpoint_format not in ("auto", "gptq", "gptq_v2"):
@@ -409,7 +413,7 @@ def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict |
             else:
                 qs = recover_qstate(W, bits, group, bool(cfg.sym), name=name)
             n_in = W.shape[1]
-            gsz = n_in if group == -1 else group
+            gsz = block_length(n_in, group)
             trivial = torch.equal(qs["g_idx"].long(), torch.arange(n_in) // gsz)
             desc_act |= not trivial
             zero = torch.round(qs["zero"]).to(torch.int64)        # [out, G]

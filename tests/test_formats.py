@@ -178,9 +178,13 @@ def test_scales_are_fp16_representable():
     assert torch.equal(res.scale, res.scale.half().float())
 
 
-def test_group_size_must_divide():
-    with pytest.raises(ValueError, match="does not divide"):
-        quantize_weight(torch.randn(4, 96), make_format("int", 4), 64)
+def test_group_size_need_not_divide_but_must_be_positive():
+    W = torch.randn(4, 96)
+    q = quantize_weight(W, make_format("int", 4), 64)  # groups of 64 and 32 (the GPTQ reference's ragged tail)
+    assert q.scale.shape == (4, 2)
+    assert torch.equal(q.w_hat[:, 64:], quantize_weight(W[:, 64:], make_format("int", 4), -1).w_hat)
+    with pytest.raises(ValueError, match="positive integer"):
+        quantize_weight(W, make_format("int", 4), 0)
 
 
 @pytest.mark.parametrize("spec,bits,msg", [

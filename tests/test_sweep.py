@@ -76,7 +76,9 @@ def world(tmp_path_factory):
     m1 = make_tiny_model(root / "tiny-a", hidden=32, layers=1, heads=2, intermediate=64, seed=0)
     m2 = make_tiny_model(root / "tiny-b", hidden=64, layers=1, heads=2, intermediate=128, seed=1)
     tasks = write_task(root / "tasks")
-    return {"root": root, "models": [m1, m2], "tasks": tasks}
+    short = root / "short_calib.txt"
+    short.write_text("Too short to calibrate on.\n")
+    return {"root": root, "models": [m1, m2], "tasks": tasks, "short_calib": short}
 
 
 def spec_dict(world, **over) -> dict:
@@ -88,8 +90,9 @@ def spec_dict(world, **over) -> dict:
         ],
         "methods": [
             "rtn",
-            # 48 divides neither 32 nor 64: this cell fails at load time with a one-line error
-            {"name": "rtn", "label": "rtnbad", "bits": [4], "group_sizes": [48]},
+            # calibration text shorter than one window: this cell fails at load time with a one-line error
+            {"name": "gptq", "label": "gptqbad", "bits": [4], "group_sizes": [16],
+             "options": {"calib": str(world["short_calib"]), "nsamples": 1, "seqlen": 64}},
         ],
         "bits": [16, 8, 4, 2],
         "group_sizes": [16],
@@ -305,7 +308,7 @@ def test_sweep_sigkill_resume_equals_uninterrupted(world, tmp_path):
     # resume: same command
     resumed = _start_sweep(spec_path, out)
     rout = resumed.communicate(timeout=400)[0].decode()
-    assert resumed.returncode == 1, rout[-3000:]  # 1: the rtnbad cells failed (and nothing else)
+    assert resumed.returncode == 1, rout[-3000:]  # 1: the gptqbad cells failed (and nothing else)
     ref_txt = ref.communicate(timeout=400)[0].decode()
     assert ref.returncode == 1, ref_txt[-3000:]
 
@@ -323,10 +326,10 @@ def test_sweep_sigkill_resume_equals_uninterrupted(world, tmp_path):
     # the failing cells: recorded with their one-line error, the others went on
     status = {c.name: c for c in load_status(out)}
     failed = {n for n, c in status.items() if c.status == "failed"}
-    assert failed == {"tiny-a__rtnbad-w4-g48-int", "tiny-b__rtnbad-w4-g48-int"}
+    assert failed == {"tiny-a__gptqbad-w4-g16-int", "tiny-b__gptqbad-w4-g16-int"}
     for n in failed:
         line = status[n].error_line
-        assert "48" in line and "\n" not in line and len(line) < 400, line
+        assert "seqlen=64" in line and "\n" not in line and len(line) < 400, line
         assert (out / "cells" / n / "error.txt").read_text().strip() == line
         assert not list((out / "cells" / n).glob("results_*.json"))
     assert set(done_all) == {c.name for c in cells} - failed

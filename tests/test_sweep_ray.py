@@ -25,10 +25,13 @@ def test_ray_launcher_runs_cells_as_ray_tasks(tmp_path, monkeypatch):
 
     model = make_tiny_model(tmp_path / "tiny-r", hidden=32, layers=1, heads=2, intermediate=64, seed=3)
     tasks = write_task(tmp_path / "tasks")
+    short = tmp_path / "short_calib.txt"
+    short.write_text("Too short to calibrate on.\n")  # the gptqbad cell fails at load time, one line
     spec = {
         "name": "ray",
         "models": [{"pretrained": str(model), "name": "tiny-r"}],
-        "methods": ["rtn", {"name": "rtn", "label": "rtnbad", "bits": [4], "group_sizes": [48]}],
+        "methods": ["rtn", {"name": "gptq", "label": "gptqbad", "bits": [4], "group_sizes": [16],
+                             "options": {"calib": str(short), "nsamples": 1, "seqlen": 64}}],
         "bits": [16, 4],
         "group_sizes": [16],
         "tasks": [TASK],
@@ -41,8 +44,8 @@ def test_ray_launcher_runs_cells_as_ray_tasks(tmp_path, monkeypatch):
     assert not ray.is_initialized()
     st = {c.name: c for c in res.cells}
     assert {n: c.status for n, c in st.items()} == {
-        "tiny-r__none-w16": "done", "tiny-r__rtn-w4-g16-int": "done", "tiny-r__rtnbad-w4-g48-int": "failed"}
-    assert "48" in st["tiny-r__rtnbad-w4-g48-int"].error_line
+        "tiny-r__none-w16": "done", "tiny-r__rtn-w4-g16-int": "done", "tiny-r__gptqbad-w4-g16-int": "failed"}
+    assert "seqlen=64" in st["tiny-r__gptqbad-w4-g16-int"].error_line
     for n in ("tiny-r__none-w16", "tiny-r__rtn-w4-g16-int"):
         r = json.loads(Path(st[n].results_path).read_text())
         assert r["config"]["model"] == "hf-quant" and TASK in r["results"]
@@ -63,7 +66,7 @@ def test_ray_launcher_runs_cells_as_ray_tasks(tmp_path, monkeypatch):
     res3 = run_sweep(spec, tmp_path / "local", launcher="local", progress=False, start="fork")
     st3 = {c.name: c for c in res3.cells}
     assert [c.status for c in res3.cells] == ["done", "done", "failed"]
-    assert st3["tiny-r__rtnbad-w4-g48-int"].error_line == st["tiny-r__rtnbad-w4-g48-int"].error_line
+    assert st3["tiny-r__gptqbad-w4-g16-int"].error_line == st["tiny-r__gptqbad-w4-g16-int"].error_line
     for n in ("tiny-r__none-w16", "tiny-r__rtn-w4-g16-int"):
         a = json.loads(Path(st[n].results_path).read_text())["results"]
         b = json.loads(Path(st3[n].results_path).read_text())["results"]

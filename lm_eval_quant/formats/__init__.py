@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .base import Format, QParams, QuantizedWeight, block_length, fake_quantize_, quantize_weight
+from .base import (Format, QParams, QuantizedWeight, block_length, fake_quantize_, from_blocks, n_groups,
+                   quantize_weight, to_blocks)
 from .grids import FP_DEFAULT_SPLIT, dynamic_grid, fp_grid, nf_grid, parse_fp_spec
 
 FORMAT_KINDS = ("int", "fp", "nf", "dynamic")
@@ -74,6 +75,9 @@ __all__ = [
     "canonical_format",
     "quantize_weight",
     "block_length",
+    "from_blocks",
+    "n_groups",
+    "to_blocks",
     "nf_grid",
     "fp_grid",
     "dynamic_grid",

@@ -124,12 +124,38 @@ class QuantizedWeight:
 
 
 def block_length(in_features: int, group_size: int) -> int:
-    """-1 (per output channel) → the whole row; otherwise `group_size`, which must divide it."""
+    """Length of a full block along the input dim: -1 (per output channel), or a group size at least
+    as wide as the row, gives the whole row; otherwise ``group_size``.  A group size that does not
+    divide the row is allowed: the last group of each row is then shorter (``in_features % g``
+    columns), as in the GPTQ reference (``g_idx = i // g``)."""
     if group_size == -1:
         return in_features
-    if group_size <= 0 or in_features % group_size:
-        raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
-    return group_size
+    if group_size <= 0:
+        raise ValueError(f"group_size={group_size} must be -1 (per output channel) or a positive integer")
+    return min(int(group_size), in_features)
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    """Number of blocks per row, counting a shorter last block (``ceil(in / g)``)."""
+    g = block_length(in_features, group_size)
+    return -(-in_features // g)
+
+
+def to_blocks(W: torch.Tensor, g: int) -> torch.Tensor:
+    """``W[..., in]`` as ``[..., ceil(in/g), g]`` blocks.  A short last block is padded by repeating
+    its own last column, which leaves every block statistic (min, max, absmax) unchanged; the pad is
+    dropped again by :func:`from_blocks`.  No copy when ``g`` divides ``in``."""
+    in_f = W.shape[-1]
+    pad = (-in_f) % g
+    if pad:
+        W = torch.cat([W, W[..., -1:].expand(*W.shape[:-1], pad)], dim=-1)
+    return W.reshape(*W.shape[:-1], W.shape[-1] // g, g)
+
+
+def from_blocks(B: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: ``[..., n, g]`` → ``[..., in_features]`` (pad columns dropped)."""
+    flat = B.reshape(*B.shape[:-2], B.shape[-2] * B.shape[-1])
+    return flat if flat.shape[-1] == in_features else flat[..., :in_features]
 
 
 def quantize_weight(
@@ -137,16 +163,17 @@ def quantize_weight(
 ) -> QuantizedWeight:
     """Quantize a [out, in] matrix block-wise along the input dimension, vectorised.
 
-    `clip` may be a float or a tensor shaped [out, n_groups, 1] (per-block clip ratios).
+    `clip` may be a float or a tensor shaped [out, n_groups, 1] (per-block clip ratios).  A group
+    size that does not divide ``in`` gives a shorter last group per row.
     """
     out_f, in_f = W.shape
     g = block_length(in_f, group_size)
-    blocks = W.float().reshape(out_f, in_f // g, g)
+    blocks = to_blocks(W.float(), g)
     qp = fmt.fit(blocks, clip)
     codes = fmt.quantize(blocks, qp)
-    w_hat = fmt.dequantize(codes, qp).reshape(out_f, in_f).to(W.dtype)
+    w_hat = from_blocks(fmt.dequantize(codes, qp), in_f).to(W.dtype)
     zero = None if qp.zero is None else qp.zero.squeeze(-1)
-    return QuantizedWeight(w_hat, codes.reshape(out_f, in_f), qp.scale.squeeze(-1), zero, g)
+    return QuantizedWeight(w_hat, from_blocks(codes, in_f).contiguous(), qp.scale.squeeze(-1), zero, g)
 
 
 @torch.no_grad()
@@ -161,6 +188,9 @@ def fake_quantize_(W: torch.Tensor, fmt: Format, group_size: int, clip: float | 
     """
     out_f, in_f = W.shape
     g = block_length(in_f, group_size)
+    if in_f % g:  # ragged last group: through a padded work copy
+        W.copy_(quantize_weight(W, fmt, group_size, clip).w_hat)
+        return W
     direct = W.dtype == torch.float32 and W.is_contiguous()
     work = W if direct else W.float().contiguous()
     blocks = work.view(out_f, in_f // g, g)

@@ -70,7 +70,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantArgError
-from ..formats import block_length, make_format, quantize_weight
+from ..formats import block_length, from_blocks, make_format, n_groups, quantize_weight, to_blocks
 from .base import (
     Method,
     QuantConfig,
@@ -111,9 +111,8 @@ def _no_clip(name: str) -> bool:
 def fake_quant(W: torch.Tensor, fmt, group_size: int) -> torch.Tensor:
     """Round-to-nearest fake quantization of ``W[..., out, in]`` block-wise along ``in`` (float32)."""
     in_f = W.shape[-1]
-    g = block_length(in_f, group_size)
-    B = W.float().reshape(*W.shape[:-1], in_f // g, g)
-    return fmt.fake(B, fmt.fit(B)).reshape(W.shape)
+    B = to_blocks(W.float(), block_length(in_f, group_size))  # a shorter last group is padded, then dropped
+    return from_blocks(fmt.fake(B, fmt.fit(B)), in_f)
 
 
 def scale_candidates(x_mean: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
@@ -206,15 +205,19 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, fmt, group_size: int, clip_gri
     W = W.float().to(H.device)
     out_f, in_f = W.shape
     g = block_length(in_f, group_size)
-    ng = in_f // g
-    Hb = _diag_blocks(H.float(), g)  # [ng, g, g]
+    ng = n_groups(in_f, group_size)
+    pad = ng * g - in_f
+    H = H.float()
+    if pad:  # a shorter last group: pad columns repeat the group's last weight and get zero rows of H
+        H = torch.nn.functional.pad(H, (0, pad, 0, pad))
+    Hb = _diag_blocks(H, g)  # [ng, g, g]
     ratios = torch.linspace(1.0, float(max_shrink), clip_grid, device=H.device) if clip_grid > 1 \
         else torch.ones(1, device=H.device)
-    Wb = W.reshape(out_f, ng, g)
+    Wb = to_blocks(W, g)
     amax = Wb.abs().amax(dim=-1, keepdim=True)  # [out, ng, 1]
     best = torch.empty(out_f, ng, 1, device=H.device)
     errs_all = [] if return_errors else None
-    rows = max(1, _BUDGET // max(1, len(ratios) * in_f))
+    rows = max(1, _BUDGET // max(1, len(ratios) * ng * g))
     for r0 in range(0, out_f, rows):
         w = Wb[r0 : r0 + rows]  # [o, ng, g]
         lim = ratios[:, None, None, None] * amax[None, r0 : r0 + rows]  # [R, o, ng, 1]
@@ -231,11 +234,10 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, fmt, group_size: int, clip_gri
 
 def apply_clip(W: torch.Tensor, ratio: torch.Tensor, group_size: int) -> torch.Tensor:
     """Clamp each (row, group) of ``W [out, in]`` to ``±ratio·max|w|`` (ratio ``[out, n_groups, 1]``)."""
-    out_f, in_f = W.shape
-    g = block_length(in_f, group_size)
-    Wb = W.float().reshape(out_f, in_f // g, g)
+    in_f = W.shape[1]
+    Wb = to_blocks(W.float(), block_length(in_f, group_size))
     lim = ratio.to(W.device) * Wb.abs().amax(dim=-1, keepdim=True)
-    return torch.maximum(torch.minimum(Wb, lim), -lim).reshape(out_f, in_f)
+    return from_blocks(torch.maximum(torch.minimum(Wb, lim), -lim), in_f)
 
 
 # ------------------------------------------------------------------------------------ structure

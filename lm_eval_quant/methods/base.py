@@ -269,16 +269,15 @@ def untie_if_shared(model: nn.Module, module: nn.Module) -> None:
 
 
 def check_group_size(linears: list[tuple[str, nn.Module]], group_size: int) -> None:
-    """One line naming the first layer whose input width the group size does not divide."""
+    """One line when the group size is neither -1 nor a positive integer.  A group size that does
+    not divide a layer's input width is valid: that layer's last group per row is shorter (the
+    GPTQ reference's ``g_idx = i // g``), and the accounting counts its real number of groups."""
     if group_size == -1:
         return
-    for name, mod in linears:
-        in_f = weight_matrix(mod).shape[1]
-        if in_f % group_size:
-            raise QuantArgError(
-                f"hf-quant: group_size={group_size} does not divide in_features={in_f} of layer "
-                f"{name}; use a divisor of it or group_size=-1 (per channel)"
-            )
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise QuantArgError(
+            f"hf-quant: group_size={group_size} must be -1 (per output channel) or a positive integer, e.g. 128"
+        )
 
 
 class Timer:

@@ -67,21 +67,41 @@ class GPTQSolver:
     The solver does not touch the module; the caller writes ``w_hat`` back.
     """
 
-    def __init__(self, weight: torch.Tensor, device: torch.device | None = None):
-        """``weight`` is the [out, in] matrix (any dtype); H lives on ``device`` (default: weight's)."""
+    def __init__(self, weight: torch.Tensor, device: torch.device | None = None, token_cap: float = 0.0):
+        """``weight`` is the [out, in] matrix (any dtype); H lives on ``device`` (default: weight's).
+
+        ``token_cap`` > 0 bounds each token's weight in H: a token whose input mean square exceeds
+        ``token_cap`` × the median of its batch counts as if it had that mean square (its direction is
+        kept, its magnitude capped).  0 is the reference's plain ``2 X Xᵀ / N``.
+        """
         self.weight = weight
         self.rows, self.columns = weight.shape
         self.device = device or weight.device
+        self.token_cap = float(token_cap or 0.0)
         self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.device)
         self.nsamples = 0
+        self.capped = 0  # tokens whose weight the cap reduced
+
+    @staticmethod
+    def token_weights(x: torch.Tensor, cap: float) -> torch.Tensor:
+        """``min(1, cap · median(ms) / ms_t)`` per row of ``x [n, in]``, ms_t = mean(x_t²)."""
+        ms = x.pow(2).mean(dim=1)
+        ref = ms.median()
+        if not bool(ref > 0):
+            return torch.ones_like(ms)
+        return torch.where(ms > cap * ref, cap * ref / ms, torch.ones_like(ms))
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
-        """Running mean of 2·x xᵀ over all tokens seen so far."""
+        """Running mean of 2·x xᵀ over all tokens seen so far (each token weighted, with ``token_cap``)."""
         x = x.reshape(-1, x.shape[-1]).to(device=self.device, dtype=torch.float32)
         n = x.shape[0]
         if n == 0:
             return
+        if self.token_cap > 0:
+            w = self.token_weights(x, self.token_cap)
+            self.capped += int((w < 1).sum())
+            x = x * w.sqrt()[:, None]
         total = self.nsamples + n
         if self.nsamples:
             self.H.mul_(self.nsamples / total)
@@ -125,9 +145,7 @@ class GPTQSolver:
         self.H = None  # free as we go
         rows, cols = W.shape
         gs = cols if group_size in (-1, None) or group_size >= cols else int(group_size)
-        if cols % gs:
-            raise QuantArgError(f"hf-quant: group_size={group_size} does not divide in_features={cols}")
-        n_groups = cols // gs
+        n_groups = -(-cols // gs)  # a group size that does not divide cols: the last group is shorter
 
         dead = torch.diag(H) == 0
         n_dead = int(dead.sum())
@@ -300,6 +318,7 @@ class GPTQ(Method):
         "keep_qstate": (bool, False),
         "calib_batch": (int, 0),
         "forward_batch": (int, 0),
+        "token_cap": (float, 10.0),
     }
 
     def _opts(self, cfg: QuantConfig) -> dict:
@@ -324,6 +343,9 @@ class GPTQ(Method):
             raise QuantArgError(f"hf-quant: calib_batch={o['calib_batch']} must be >= 0 (0 = automatic)")
         if int(o["forward_batch"]) < 0:
             raise QuantArgError(f"hf-quant: forward_batch={o['forward_batch']} must be >= 0 (0 = automatic)")
+        tc = float(o["token_cap"])
+        if not math.isfinite(tc) or (tc != 0 and tc < 1):
+            raise QuantArgError(f"hf-quant: token_cap={o['token_cap']} must be 0 (off: the plain Hessian) or >= 1, e.g. token_cap=10")
         validate_calib_args(o["calib"], o["nsamples"], o["seqlen"], o["calib_seed"])
 
     def quantize(self, model: nn.Module, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
@@ -340,7 +362,8 @@ class GPTQ(Method):
             raise QuantArgError("hf-quant: method=gptq needs the model's tokenizer for calibration data")
         ids, calib_info = get_calibration(tok, o["calib"], int(o["nsamples"]), int(o["seqlen"]),
                                           int(o["calib_seed"]), max_seqlen=model_max_seqlen(model))
-        damp, block = float(o["damp"]), int(o["block_size"])
+        damp, block, token_cap = float(o["damp"]), int(o["block_size"]), float(o["token_cap"])
+        capped: dict[str, int] = {}
         act_order, static = _as_bool(o["act_order"]), _as_bool(o["static_groups"])
         keep, seq = _as_bool(o["keep_qstate"]), _as_bool(o["true_sequential"])
         modified: list[str] = []
@@ -369,7 +392,7 @@ class GPTQ(Method):
                 if ids:
                     children.append((child, ids))
             for group in groups:
-                solvers = {n: GPTQSolver(weight_matrix(m), step.device) for n, m in group}
+                solvers = {n: GPTQSolver(weight_matrix(m), step.device, token_cap=token_cap) for n, m in group}
                 gather = _BatchGather(step, solvers)
                 handles = [m.register_forward_pre_hook(gather.hook(n)) for n, m in group]
                 try:
@@ -379,6 +402,8 @@ class GPTQ(Method):
                         h.remove()
                     del gather
                 for n, m in group:
+                    if solvers[n].capped:
+                        capped[n] = solvers[n].capped
                     res = solvers[n].quantize(fmt, cfg.group_size, damp, block, act_order, static, keep)
                     del solvers[n]
                     set_weight_matrix(m, res.pop("w_hat"))
@@ -415,6 +440,7 @@ class GPTQ(Method):
         extra: dict[str, Any] = {"calibration": calib_info, "damp": damp, "act_order": act_order,
                                  "static_groups": static, "true_sequential": seq, "block_size": block,
                                  "damp_retries": retries, "dead_inputs": dead_total, "loss": losses,
+                                 "token_cap": token_cap, "capped_tokens": capped,
                                  "rtn_outside_layers": rtn_outside}
         if keep:
             extra["qstate"] = qstate
