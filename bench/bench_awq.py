@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def _calib_ids(tok, nsamples: int, seqlen: int, seed: int = 0):
     from lm_eval_quant.methods.calibration import get_calibration
     from lm_eval_quant.toy import make_corpus
 
-    p = Path("/tmp/lmq_bench_awq_calib.txt")
+    p = Path(tempfile.gettempdir()) / "lmq_bench_awq_calib.txt"
     if not p.exists():
         p.write_text(make_corpus(120_000, seed=7))
     ids, _ = get_calibration(tok, str(p), nsamples, seqlen, seed)

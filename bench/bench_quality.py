@@ -17,6 +17,7 @@ Methods (``--methods``):
   fp                 the unquantized model
   rtn                round-to-nearest, int asymmetric (the house default)
   gptq               ours, house defaults (damp 0.01, block 128, true_sequential, no act_order)
+  gptq-plain         ours with token_cap=0: the reference's plain Hessian (what 0.1 shipped)
   gptq-ao            ours with act_order=true
   gptqmodel          GPTQModel with OUR settings matched: damp 0.01, desc_act off, act_group_aware off
   gptqmodel-defaults GPTQModel with its own defaults (damp 0.05, act_group_aware on)
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-METHODS = ["fp", "rtn", "gptq", "gptq-ao", "gptqmodel", "gptqmodel-defaults", "awq", "awq-oracle"]
+METHODS = ["fp", "rtn", "gptq", "gptq-plain", "gptq-ao", "gptqmodel", "gptqmodel-defaults", "awq", "awq-oracle"]
 
 
 def models_root() -> Path:
@@ -269,6 +270,8 @@ def worker(job: dict) -> dict:
                 opts = dict(job.get("options") or {})
                 if meth == "gptq-ao":
                     opts["act_order"] = True
+                if meth == "gptq-plain":
+                    opts["token_cap"] = 0.0
                 if name in ("gptq", "awq"):
                     opts.update(calib="c4", nsamples=job["nsamples"], seqlen=job["seqlen"])
                     for mod in (gptq_mod, awq_mod):  # the very same windows as every other job

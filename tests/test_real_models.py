@@ -1,0 +1,122 @@
+"""GPTQ and AWQ on a REAL LLM: SmolLM2-135M-Instruct (Llama architecture), built offline by
+``../shared/tools/real_model.sh smollm2-135m`` into ``$LMQ_REAL_MODELS`` (or ``$LMQ_MODELS``, or
+``~/.cache/lmq-models``).  Skipped cleanly when the model folder or the shared data is absent.
+
+Toys and random weights could not show that our GPTQ lost to RTN on this model (the attention-sink
+token dominated the down_proj Hessians); these tests pin the orderings on the real thing:
+fp < GPTQ-4 < RTN-4, GPTQ-3 < RTN-3 and AWQ-3 < RTN-3, with a small calibration (C4 subset,
+8 × 512 tokens, seed 0) and the ``wikitext2_gptq`` protocol on the first 2 windows of 2048 tokens.
+Caveat: the model's weights come from a 4-bit GGUF (Q4 blocks of 32), which flatters RTN-4 at
+groups that are multiples of 32; 3-bit figures are not flattered.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm_eval_quant.methods import build_config, get_method
+from lm_eval_quant.methods.base import QuantContext
+from lm_eval_quant.methods.calibration import get_calibration, local_data_dir
+from lm_eval_quant.ppl import window_nll
+
+pytestmark = pytest.mark.slow
+
+
+def real_model(name: str) -> Path | None:
+    for env in ("LMQ_REAL_MODELS", "LMQ_MODELS"):
+        if os.environ.get(env):
+            root = Path(os.environ[env])
+            break
+    else:
+        root = Path.home() / ".cache" / "lmq-models"
+    p = root / name
+    return p if (p / "config.json").is_file() and list(p.glob("*.safetensors")) else None
+
+
+SMOL = real_model("smollm2-135m")
+DATA = local_data_dir()
+needs = pytest.mark.skipif(SMOL is None or DATA is None,
+                           reason="needs ../shared/tools/real_model.sh smollm2-135m and the shared data folder")
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(SMOL))
+    model = AutoModelForCausalLM.from_pretrained(str(SMOL), dtype=torch.float32).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    text = (DATA / "wikitext2" / "wikitext2_test_joined_gptq_style.txt").read_text(encoding="utf-8")[:40_000]
+    ids = torch.tensor(tok(text)["input_ids"])[: 2 * 2048]
+    calib, _ = get_calibration(tok, "c4", 8, 512, seed=0)
+    return model, tok, state, ids, calib
+
+
+def _ppl(model, ids):
+    total, count = window_nll(model, ids, 2048, batch_size=1)
+    return math.exp(total / count)
+
+
+@pytest.fixture(scope="module")
+def ladder(smol, monkeypatch_module):
+    """Perplexity of fp, RTN, GPTQ and AWQ at 4 and 3 bits, asymmetric int, group 64."""
+    import lm_eval_quant.methods.awq as awq_mod
+    import lm_eval_quant.methods.gptq as gptq_mod
+
+    model, tok, state, ids, calib = smol
+    for mod in (gptq_mod, awq_mod):  # the same windows for every method, computed once
+        monkeypatch_module.setattr(mod, "get_calibration", lambda *a, **k: (calib, {"source": "test"}))
+    res = {"fp": _ppl(model, ids)}
+    runs = [("rtn", 4, {}), ("gptq", 4, {}), ("rtn", 3, {}), ("gptq", 3, {}), ("awq", 3, {})]
+    for meth, bits, opts in runs:
+        model.load_state_dict(state)
+        if meth != "rtn":
+            opts = dict(opts, calib="c4", nsamples=8, seqlen=512)
+        cfg = build_config(method=meth, bits=bits, group_size=64, sym=False, **opts)
+        get_method(meth).quantize(model, cfg, QuantContext(tokenizer=tok, progress=False))
+        res[f"{meth}{bits}"] = _ppl(model, ids)
+    model.load_state_dict(state)
+    return res
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@needs
+def test_gptq_beats_rtn_on_a_real_llm(ladder):
+    r = ladder
+    assert r["fp"] < r["gptq4"] < r["rtn4"], r
+    assert r["gptq3"] < 0.9 * r["rtn3"], r  # "far below": at least 10% lower perplexity
+
+
+@needs
+def test_awq_beats_rtn_at_3_bits_on_a_real_llm(ladder):
+    assert ladder["awq3"] < 0.9 * ladder["rtn3"], ladder
+
+
+@needs
+def test_ragged_default_group_runs_on_a_real_llm(smol):
+    """group_size=128 on hidden 576 (4 full groups and one of 64): runs, and accounts 5 groups."""
+    from lm_eval_quant.accounting import account
+
+    model, tok, state, ids, _ = smol
+    model.load_state_dict(state)
+    cfg = build_config(method="rtn", bits=4, group_size=128, sym=False)
+    rep = get_method("rtn").quantize(model, cfg, QuantContext(progress=False))
+    acc = account(model, cfg, rep.quantized)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert len(torch.unique(q[0, 512:])) <= 16  # the short last group is on its own 4-bit grid
+    n = sum(dict(model.named_modules())[m].weight.numel() for m in rep.quantized)
+    groups = sum(w.shape[0] * -(-w.shape[1] // 128) for w in (dict(model.named_modules())[m].weight for m in rep.quantized))
+    assert acc["bits_per_quantized_weight"] == pytest.approx(4 + 32 * groups / n)
+    model.load_state_dict(state)
