@@ -22,6 +22,7 @@ Methods (``--methods``):
   gptqmodel          GPTQModel with OUR settings matched: damp 0.01, desc_act off, act_group_aware off
   gptqmodel-defaults GPTQModel with its own defaults (damp 0.05, act_group_aware on)
   awq                ours, house defaults (loss=module, grid 20, clip search)
+  awq-linear         ours with loss=linear (closed form on the scaled linears' own outputs)
   awq-oracle         a direct transcription of the AWQ paper's search written in this file
                      (:func:`awq_oracle`): s = mean|x|^α over a grid of 20, the enclosing block's
                      output error, fold into the producer, then the clip search; an independent
@@ -48,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-METHODS = ["fp", "rtn", "gptq", "gptq-plain", "gptq-ao", "gptqmodel", "gptqmodel-defaults", "awq", "awq-oracle"]
+METHODS = ["fp", "rtn", "gptq", "gptq-plain", "gptq-ao", "gptqmodel", "gptqmodel-defaults", "awq", "awq-linear", "awq-oracle"]
 
 
 def models_root() -> Path:
@@ -270,6 +271,8 @@ def worker(job: dict) -> dict:
                 opts = dict(job.get("options") or {})
                 if meth == "gptq-ao":
                     opts["act_order"] = True
+                if meth == "awq-linear":
+                    opts["loss"] = "linear"
                 if meth == "gptq-plain":
                     opts["token_cap"] = 0.0
                 if name in ("gptq", "awq"):
