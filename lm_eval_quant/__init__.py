@@ -7,7 +7,7 @@ Importing this package is cheap: nothing heavy (torch, lm_eval) is imported here
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _REGISTERED = False
 
