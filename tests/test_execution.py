@@ -1,0 +1,273 @@
+"""execution=real: fake-quantized linears swapped for packed low-bit kernel modules.
+
+Written-down results checked here:
+* a hand-built 4-bit state decodes through GPTQModel's torch kernel to (code − zero)·scale exactly,
+  and its resident bytes are the hand count of its packed buffers;
+* real vs fake logits on the same quantized weights agree to 1e-3 of their max magnitude
+  (GPTQModel's torch kernel dequantizes with fp16 arithmetic; our fake weights are the same fp16
+  scale times integer codes) for RTN / GPTQ (act_order) / AWQ at 4 and 3 bits on Llama and GPT-2
+  shaped models, and every real module dequantizes to exactly the fake weight rounded to fp16;
+* NF4 through bitsandbytes stores exactly our codes (dequantized weights bit-identical); its CPU
+  matmul runs in bf16 on AVX512-BF16 machines, so logits are checked at 2e-2;
+* refusals are one line and come before any weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+from lm_eval_quant.errors import QuantArgError  # noqa: E402
+from lm_eval_quant.execution import (  # noqa: E402
+    MemoryProbe,
+    check_real_shapes,
+    plan_execution,
+    resident_bytes,
+)
+from lm_eval_quant.methods import build_config, get_method  # noqa: E402
+from lm_eval_quant.methods.base import QuantContext, weight_matrix  # noqa: E402
+
+gptqmodel = pytest.importorskip("gptqmodel")
+
+IDS = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    from lm_eval_quant.toy import make_corpus
+
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(make_corpus(20_000, seed=3))
+    return p
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+# ------------------------------------------------------------------------------------------------
+# plans and refusals (no model)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg_kw,ex,kernel,msg", [
+    (dict(method="rtn", bits=4), "quick", None, "execution=quick is not one of fake, real, auto"),
+    (dict(method="rtn", bits=4), "real", "cuda9", "kernel=cuda9 is unknown"),
+    (dict(method="rtn", bits=4), "fake", "marlin", "kernel=marlin only applies with execution=real or auto"),
+    (dict(method="rtn", bits=5), "real", None, "bits=5 has no packed int layout"),
+    (dict(method="rtn", bits=4, format="fp"), "real", None, "format=fp:e2m1 at bits=4 has no low-bit kernel"),
+    (dict(method="rtn", bits=4, format="nf"), "real", "torch", "format=nf runs on kernel=bnb"),
+    (dict(method="rtn", bits=4), "real", "bnb", "kernel=bnb runs format=nf at bits=4"),
+    (dict(method="none"), "real", None, "nothing is quantized"),
+    (dict(method="rtn", bits=3), "real", "torch_aten", "supports bits [4], not bits=3"),
+    (dict(method="rtn", bits=4, group_size=8), "real", None, "not group_size=8"),
+])
+def test_plan_refusals_one_line(cfg_kw, ex, kernel, msg):
+    with pytest.raises(QuantArgError) as e:
+        plan_execution(build_config(**cfg_kw), ex, kernel)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_plan_choices(capsys):
+    p = plan_execution(build_config(method="gptq", bits=3, group_size=64), "real")
+    assert (p.execution, p.backend, p.kernel) == ("real", "gptq", "auto")
+    p = plan_execution(build_config(method="rtn", bits=4, format="nf", group_size=64), "real")
+    assert (p.backend, p.kernel, p.info["bnb_type"]) == ("bnb", "bnb", "nf4")
+    assert plan_execution(build_config(method="rtn", bits=4), None).execution == "fake"
+    # auto: an unsupported config falls back to fake with one warning line
+    p = plan_execution(build_config(method="rtn", bits=6), "auto")
+    assert p.execution == "fake" and p.requested == "auto" and "bits=6" in p.fallback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hf-quant: execution=auto: bits=6")
+
+
+def test_ragged_and_packing_shapes_refused():
+    lin = [("model.layers.0.mlp.down_proj", torch.nn.Linear(96, 64))]
+    plan = plan_execution(build_config(method="rtn", bits=4, group_size=64), "real")
+    with pytest.raises(QuantArgError, match=r"group_size=64 leaves a ragged last group in model\.layers\.0\.mlp\.down_proj \(in_features=96\)"):
+        check_real_shapes(lin, build_config(method="rtn", bits=4, group_size=64), plan)
+    plan3 = plan_execution(build_config(method="rtn", bits=3, group_size=-1), "real")
+    with pytest.raises(QuantArgError, match="in_features=48; 3-bit packing"):
+        check_real_shapes([("x", torch.nn.Linear(48, 64))], build_config(method="rtn", bits=3, group_size=-1), plan3)
+    check_real_shapes([("x", torch.nn.Linear(64, 64))], build_config(method="rtn", bits=3, group_size=-1), plan3)
+
+
+# ------------------------------------------------------------------------------------------------
+# one module, hand-computed
+# ------------------------------------------------------------------------------------------------
+def test_gptq_module_hand_state_and_resident_bytes():
+    """in=out=32, 4 bits, group 16: codes (i + o) mod 16, zero 8 / 3 per group, scales 0.5 / 0.25.
+    W[o, i] = scale[g]·(code − zero[g]) exactly; packed buffers: qweight 4×32 int32 (512 B),
+    qzeros 2×4 int32 (32 B), scales 2×32 fp16 (128 B), g_idx 32 int32 (128 B) = 800 B."""
+    from lm_eval_quant.execution import _kernel_class, gptq_module
+
+    o = torch.arange(32).view(32, 1)
+    i = torch.arange(32).view(1, 32)
+    codes = ((i + o) % 16).to(torch.uint8)
+    scale = torch.tensor([0.5, 0.25]).repeat(32, 1)
+    zero = torch.tensor([8.0, 3.0]).repeat(32, 1)
+    g_idx = (torch.arange(32) // 16).to(torch.int32)
+    mod = gptq_module(_kernel_class("torch"), {"codes": codes, "scale": scale, "zero": zero, "g_idx": g_idx},
+                      bits=4, group_size=16, sym=False)
+    expect = torch.where(i < 16, 0.5 * (codes.float() - 8), 0.25 * (codes.float() - 3))   # [out, in]
+    assert torch.equal(mod.dequantize_weight().t().float(), expect)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(mod(x), x @ expect.t(), rtol=0, atol=1e-5)
+    rb = resident_bytes(torch.nn.Sequential(mod))
+    packed = 4 * 32 * 4 + 2 * 4 * 4 + 2 * 32 * 2 + 32 * 4
+    assert rb["weights_bytes"] == 0
+    assert rb["buffers_bytes"] >= packed  # plus GPTQModel's small unpack tables (wf_unsqueeze_*)
+    named = {n: b.untyped_storage().nbytes() for n, b in mod.named_buffers()}
+    assert named["qweight"] + named["qzeros"] + named["scales"] + named["g_idx"] == packed
+
+
+def test_resident_bytes_counts_tied_once():
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    m = torch.nn.ModuleDict({"emb": emb, "head": head})
+    m.register_buffer("b", torch.zeros(3, dtype=torch.float16))
+    rb = resident_bytes(m)
+    assert rb["weights_bytes"] == 10 * 4 * 4 and rb["buffers_bytes"] == 6 and rb["total_bytes"] == 166
+
+
+def test_memory_probe_sees_an_allocation():
+    probe = MemoryProbe("cpu").start()
+    x = torch.ones(40 * 2**20 // 4)  # 40 MiB, touched
+    x += 1
+    pk = probe.peak()
+    assert pk["peak_kind"] == "rss" and pk["peak_rss_above_baseline_bytes"] >= 30 * 2**20
+    del x
+
+
+# ------------------------------------------------------------------------------------------------
+# whole models: real vs fake
+# ------------------------------------------------------------------------------------------------
+def _quantize(path, method, bits, calib_file, **kw):
+    from transformers import AutoTokenizer
+
+    m = _load(path)
+    extra = {}
+    if method in ("gptq", "awq"):
+        extra = dict(calib=str(calib_file), nsamples=4, seqlen=32)
+    if method == "gptq":
+        extra.update(act_order=True, keep_qstate=True)
+    cfg = build_config(method=method, bits=bits, group_size=32, **extra, **kw)
+    rep = get_method(method).quantize(m, cfg, QuantContext(tokenizer=AutoTokenizer.from_pretrained(path),
+                                                           progress=False))
+    return m, cfg, rep
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method,bits,sym", [("rtn", 4, False), ("rtn", 3, True), ("gptq", 4, False),
+                                             ("gptq", 3, True), ("awq", 4, False), ("awq", 3, False)])
+def test_real_matches_fake(arch, method, bits, sym, tiny_llama, tiny_gpt2, calib_file):
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    from lm_eval_quant.execution import make_real
+
+    path = tiny_llama if arch == "llama" else tiny_gpt2
+    m, cfg, rep = _quantize(path, method, bits, calib_file, sym=sym)
+    ref = _logits(m)
+    fake_w = {n: weight_matrix(m.get_submodule(n)).detach().clone() for n in rep.quantized}
+    before = resident_bytes(m)["total_bytes"]
+    info = make_real(m, cfg, rep, plan_execution(cfg, "real"), device="cpu", progress=False)
+    assert info["kernel"] == "TorchLinear" and info["linears"] == len(rep.quantized) == (14 if arch == "llama" else 8)
+    if method == "gptq":  # act_order groups really are permuted
+        gi = m.get_submodule(rep.quantized[0]).g_idx
+        assert not torch.equal(gi.long(), torch.arange(gi.numel()) // 32)
+    for n, w in fake_w.items():
+        mod = m.get_submodule(n)
+        assert isinstance(mod, TorchLinear), n
+        assert torch.equal(mod.dequantize_weight().t().float(), w.half().float()), n
+    assert _rel(_logits(m), ref) < 1e-3
+    assert resident_bytes(m)["total_bytes"] < before
+
+
+def test_nf4_maps_to_bitsandbytes(tiny_llama):
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import dequantize_4bit
+
+    from lm_eval_quant.execution import make_real
+
+    m = _load(tiny_llama)
+    cfg = build_config(method="rtn", bits=4, format="nf", group_size=64)
+    rep = get_method("rtn").quantize(m, cfg, QuantContext(progress=False))
+    ref = _logits(m)
+    w = m.model.layers[0].mlp.down_proj.weight.detach().clone()
+    info = make_real(m, cfg, rep, plan_execution(cfg, "real"), device="cpu", progress=False)
+    assert info["kernel"] == "bnb.Linear4bit" and info["bnb_type"] == "nf4"
+    mod = m.model.layers[0].mlp.down_proj
+    assert isinstance(mod, bnb.nn.Linear4bit)
+    assert mod.weight.quant_state.blocksize == 64
+    assert torch.equal(dequantize_4bit(mod.weight.data, mod.weight.quant_state).float(), w)
+    assert _rel(_logits(m), ref) < 2e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# through lm-eval
+# ------------------------------------------------------------------------------------------------
+def _evaluate(model_args, task_dir):
+    import lm_eval
+
+    import lm_eval_quant
+    from lm_eval.tasks import TaskManager
+
+    lm_eval_quant.register()
+    return lm_eval.simple_evaluate(model="hf-quant", model_args=model_args, tasks=["lmq_toy_mc"],
+                                   task_manager=TaskManager(include_path=str(task_dir)), log_samples=True)
+
+
+def test_hf_quant_execution_real_results(tiny_llama, toy_task_dir):
+    base = f"pretrained={tiny_llama},method=rtn,bits=4,group_size=32,device=cpu,cache=false"
+    fake = _evaluate(base, toy_task_dir)
+    real = _evaluate(base + ",execution=real", toy_task_dir)
+    ef, er = fake["config"]["quantization"]["execution"], real["config"]["quantization"]["execution"]
+    assert ef["execution"] == "fake" and ef["kernel"] == "none"
+    assert er["execution"] == "real" and er["kernel"] == "TorchLinear" and er["linears"] == 14
+    assert er["loglikelihood_tokens"] > 0 and er["loglikelihood_tokens_per_s"] > 0
+    assert er["loglikelihood_tokens"] == ef["loglikelihood_tokens"]
+    assert er["peak_kind"] == "rss" and er["peak_rss_bytes"] > 0
+    assert er["resident"]["total_bytes"] < ef["resident"]["total_bytes"]
+    # same answers: loglikelihoods agree to fp16 dequantization
+    lf = [float(r[0][0]) for s in fake["samples"]["lmq_toy_mc"] for r in [s["resps"]] for r in r]
+    lr = [float(r[0][0]) for s in real["samples"]["lmq_toy_mc"] for r in [s["resps"]] for r in r]
+    assert len(lf) == len(lr) > 0
+    assert max(abs(a - b) for a, b in zip(lf, lr)) < 1e-2 * max(1.0, max(abs(a) for a in lf))
+    json.dumps(real["config"], default=str)
+
+
+def test_hf_quant_refuses_before_loading(tiny_llama, monkeypatch):
+    import transformers
+
+    import lm_eval_quant
+    from lm_eval.api.registry import get_model
+
+    def boom(*a, **k):
+        raise AssertionError("weights were loaded before the argument check")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    lm_eval_quant.register()
+    with pytest.raises(QuantArgError, match="bits=5 has no packed int layout"):
+        get_model("hf-quant")(pretrained=str(tiny_llama), method="rtn", bits=5, execution="real", device="cpu")
+    # group size 8 divides every width (fake quantization runs) but no packed kernel lists it
+    with pytest.raises(QuantArgError, match=r"TorchLinear supports group sizes \[-1, 16, .*not group_size=8"):
+        get_model("hf-quant")(pretrained=str(tiny_llama), method="rtn", bits=4, group_size=8,
+                              execution="real", device="cpu")
+    with pytest.raises(QuantArgError, match="kernel=torch_aten: TorchAtenLinear supports bits"):
+        get_model("hf-quant")(pretrained=str(tiny_llama), method="rtn", bits=3, execution="real",
+                              kernel="torch_aten", device="cpu")
