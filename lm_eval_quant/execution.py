@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import QuantArgError
-from .export import EXPORT_BITS, pack_cols, pack_rows, recover_qstate, _check_qstate
+from .export import EXPORT_BITS, _check_qstate, gptq_tensors, recover_qstate
 
 log = logging.getLogger("lm_eval_quant")
 
@@ -293,10 +293,8 @@ def gptq_module(cls, qs: dict, bits: int, group_size: int, sym: bool, bias=None,
     mod = cls(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, in_features=in_f,
               out_features=out_f, bias=bias is not None, pack_dtype=torch.int32, register_buffers=True)
     with torch.no_grad():
-        mod.qweight.copy_(pack_rows(codes.t().contiguous().to(torch.int64), bits))
-        mod.qzeros.copy_(pack_cols((z - off).t().contiguous() & ((1 << bits) - 1), bits))
-        mod.scales.copy_(scale.t().contiguous().to(torch.float16))
-        mod.g_idx.copy_(g_idx.to(torch.int32))
+        for k, v in gptq_tensors(codes, scale, z, g_idx, bits, off).items():
+            getattr(mod, k).copy_(v)
         if bias is not None:
             mod.bias = bias.detach().clone()  # the model's dtype, as in the fake-quantized model
     mod.optimized = True  # no torch.compile of the dequantizer (minutes of compile on CPU)
