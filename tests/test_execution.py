@@ -271,3 +271,22 @@ def test_hf_quant_refuses_before_loading(tiny_llama, monkeypatch):
     with pytest.raises(QuantArgError, match="kernel=torch_aten: TorchAtenLinear supports bits"):
         get_model("hf-quant")(pretrained=str(tiny_llama), method="rtn", bits=3, execution="real",
                               kernel="torch_aten", device="cpu")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run():
+    """bench/gpu_check.sh --dry-run: the GPU check's code path on tiny shapes on CPU, one table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--dry-run", "--quiet"],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [x for x in p.stdout.splitlines() if x.startswith("|")]
+    assert lines[0].startswith("| shape | layers | device | GPTQ s/layer") and len(lines) == 3
+    row = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert row[0] == "tiny" and row[2] == "cpu" and row[8] == "TorchLinear"
+    assert float(row[7]) < float(row[6])  # real weights GB < fake weights GB
