@@ -232,7 +232,7 @@ def _evaluate(model_args, task_dir):
                                    task_manager=TaskManager(include_path=str(task_dir)), log_samples=True)
 
 
-def test_hf_quant_execution_real_results(tiny_llama, toy_task_dir):
+def test_hf_quant_execution_real_results(tiny_llama, toy_task_dir, tmp_path):
     base = f"pretrained={tiny_llama},method=rtn,bits=4,group_size=32,device=cpu,cache=false"
     fake = _evaluate(base, toy_task_dir)
     real = _evaluate(base + ",execution=real", toy_task_dir)
@@ -249,6 +249,23 @@ def test_hf_quant_execution_real_results(tiny_llama, toy_task_dir):
     assert len(lf) == len(lr) > 0
     assert max(abs(a - b) for a, b in zip(lf, lr)) < 1e-2 * max(1.0, max(abs(a) for a in lf))
     json.dumps(real["config"], default=str)
+    # the report shows measured next to accounted bytes; the real run is its own row
+    from lm_eval_quant.report.collect import collect
+    from lm_eval_quant.report.table import build_table, to_markdown
+
+    for i, r in enumerate((fake, real)):
+        r = {k: v for k, v in r.items() if k != "samples"}
+        (tmp_path / f"run{i}").mkdir()
+        (tmp_path / f"run{i}" / f"results_2026-01-0{i + 1}T00-00-00.json").write_text(json.dumps(r, default=str))
+    runs = collect([tmp_path])
+    by = {r.execution: r for r in runs}
+    assert set(by) == {"fake", "real"} and by["real"].method_label == "rtn (real)"
+    assert by["real"].measured_gb == er["resident"]["total_bytes"] / 1e9
+    assert by["real"].measured_gb < by["fake"].measured_gb
+    assert by["fake"].model_gb == by["real"].model_gb  # same accounting
+    md = to_markdown(build_table(runs))
+    head = md.splitlines()[0]
+    assert "| model GB | measured GB | peak GB | tok/s |" in head
 
 
 def test_hf_quant_refuses_before_loading(tiny_llama, monkeypatch):
