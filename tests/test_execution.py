@@ -88,6 +88,8 @@ def test_plan_choices(capsys):
     p = plan_execution(build_config(method="rtn", bits=4, format="nf", group_size=64), "real")
     assert (p.backend, p.kernel, p.info["bnb_type"]) == ("bnb", "bnb", "nf4")
     assert plan_execution(build_config(method="rtn", bits=4), None).execution == "fake"
+    p = plan_execution(build_config(method="bnb", bits=4, format="nf4", group_size=64), "real")
+    assert (p.execution, p.backend, p.kernel) == ("real", "bnb-load", "bnb")  # already real modules
     # auto: an unsupported config falls back to fake with one warning line
     p = plan_execution(build_config(method="rtn", bits=6), "auto")
     assert p.execution == "fake" and p.requested == "auto" and "bits=6" in p.fallback
@@ -285,6 +287,9 @@ def test_hf_quant_refuses_before_loading(tiny_llama, monkeypatch):
     with pytest.raises(QuantArgError, match=r"TorchLinear supports group sizes \[-1, 16, .*not group_size=8"):
         get_model("hf-quant")(pretrained=str(tiny_llama), method="rtn", bits=4, group_size=8,
                               execution="real", device="cpu")
+    with pytest.raises(QuantArgError, match="execution=real places the packed model on one device"):
+        get_model("hf-quant")(pretrained=str(tiny_llama), method="rtn", bits=4, execution="real",
+                              parallelize=True, device="cpu")
     with pytest.raises(QuantArgError, match="kernel=torch_aten: TorchAtenLinear supports bits"):
         get_model("hf-quant")(pretrained=str(tiny_llama), method="rtn", bits=3, execution="real",
                               kernel="torch_aten", device="cpu")

@@ -155,6 +155,10 @@ class HFQuantLM(HFLM):
         self._lmq_exec_info: dict = {}
         self._lmq_ll = {"tokens": 0, "seconds": 0.0, "requests": 0}
         self._lmq_probe = MemoryProbe(_probe_device(kwargs.get("device"))).start()
+        if self._lmq_plan.real and self._lmq_plan.backend in ("gptq", "bnb") and (
+                kwargs.get("parallelize") or kwargs.get("device_map") not in (None, "", "cpu")):
+            raise QuantArgError("hf-quant: execution=real places the packed model on one device; drop "
+                                "parallelize/device_map (or use execution=fake)")
         if wrap.get("save_quantized"):
             from ..export import check_exportable
 
