@@ -391,6 +391,7 @@ def make_real(model, cfg, report, plan: ExecPlan, device=None, progress: bool = 
         groups.append((None, rest))
 
     converted = 0
+    used: set[str] = set()
     with torch.no_grad():
         for pre, grp in tqdm(groups, desc="execution=real: packing", unit="layer", disable=not progress):
             for name, mod in grp:
@@ -405,7 +406,22 @@ def make_real(model, cfg, report, plan: ExecPlan, device=None, progress: bool = 
                         qs = _check_qstate(name, qs, W, bits)
                     else:
                         qs = recover_qstate(W, bits, g, sym, name=name)
-                    new = gptq_module(cls, qs, bits, g, sym, bias=bias, device=dev)
+                    try:
+                        new = gptq_module(cls, qs, bits, g, sym, bias=bias, device=dev)
+                    except QuantArgError:
+                        raise
+                    except Exception as e:  # a kernel that cannot take this layer / device
+                        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+                        torch_cls = _kernel_class("torch")
+                        if plan.kernel != "auto" or cls is torch_cls:
+                            raise QuantArgError(f"{_P}: execution=real: {cls.__name__} cannot hold {name} "
+                                                f"on {dev} ({first}); try kernel=torch") from None
+                        msg = f"{_P}: execution=real: {cls.__name__} failed on {name} ({first}); using the torch kernel"
+                        log.warning(msg)
+                        print(msg, file=sys.stderr)
+                        cls = torch_cls
+                        new = gptq_module(cls, qs, bits, g, sym, bias=bias, device=dev)
+                used.add("bnb.Linear4bit" if plan.backend == "bnb" else type(new).__name__)
                 parent, leaf = _parent(model, name)
                 setattr(parent, leaf, new)
                 del mod, W, bias
@@ -419,7 +435,7 @@ def make_real(model, cfg, report, plan: ExecPlan, device=None, progress: bool = 
     if report is not None and getattr(report, "extra", None) is not None:
         report.extra.pop("qstate", None)  # the packed modules hold it now
     info = {
-        "kernel": "bnb.Linear4bit" if plan.backend == "bnb" else cls.__name__,
+        "kernel": "+".join(sorted(used)),
         "linears": converted,
         "pack_seconds": round(time.perf_counter() - t0, 3),
         "device": str(dev),

@@ -312,3 +312,29 @@ def test_gpu_check_dry_run():
     row = [c.strip() for c in lines[2].strip("|").split("|")]
     assert row[0] == "tiny" and row[2] == "cpu" and row[8] == "TorchLinear"
     assert float(row[7]) < float(row[6])  # real weights GB < fake weights GB
+
+
+def test_kernel_that_cannot_build_falls_back_or_refuses(tiny_llama, monkeypatch, capsys):
+    """auto: a selected kernel that fails on a layer → one warning line, the torch kernel instead;
+    an explicitly named kernel that fails → one-line error."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    import lm_eval_quant.execution as ex
+
+    class Broken(TorchLinear):
+        def __init__(self, *a, **k):
+            raise RuntimeError("needs a GPU\nsecond line")
+
+    monkeypatch.setattr(ex, "_select_kernel", lambda *a, **k: Broken)
+    m = _load(tiny_llama)
+    cfg = build_config(method="rtn", bits=4, group_size=32)
+    rep = get_method("rtn").quantize(m, cfg, QuantContext(progress=False))
+    info = ex.make_real(m, cfg, rep, plan_execution(cfg, "real"), device="cpu", progress=False)
+    assert info["kernel"] == "TorchLinear"
+    err = [x for x in capsys.readouterr().err.splitlines() if "execution=real" in x]
+    assert len(err) == 1 and "Broken failed on model.layers.0.self_attn.q_proj (needs a GPU); using the torch kernel" in err[0]
+    m = _load(tiny_llama)
+    rep = get_method("rtn").quantize(m, cfg, QuantContext(progress=False))
+    plan = plan_execution(cfg, "real", "torch")
+    with pytest.raises(QuantArgError, match=r"Broken cannot hold model\.layers\.0\.self_attn\.q_proj on cpu \(needs a GPU\); try kernel=torch$"):
+        ex.make_real(m, cfg, rep, plan, device="cpu", progress=False)
