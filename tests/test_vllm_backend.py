@@ -99,7 +99,7 @@ def test_vllm_cell_plumbing_with_stand_in(tiny_llama, toy_task_dir, tmp_path, mo
     call = _StandIn.calls[0]
     assert call["tensor_parallel_size"] == 2 and call["gpu_memory_utilization"] == 0.5 and call["max_model_len"] == 256
     assert call["dtype"] == "float16"  # float32 toy export: vLLM's GPTQ kernels take fp16/bf16
-    exp = tmp_path / "exp" / "model"
+    exp = tmp_path / "exp"
     assert call["pretrained"] == str(exp)
     qc = json.loads((exp / "config.json").read_text())["quantization_config"]
     assert (qc["quant_method"], qc["bits"], qc["group_size"]) == ("gptq", 4, 32)

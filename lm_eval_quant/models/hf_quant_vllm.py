@@ -10,7 +10,7 @@ cache_dir) are checked, then vLLM is looked for -- both before anything is loade
 line; (2) the model is loaded with transformers on the host and quantized through the quantized-
 weights cache (layer-wise methods use the GPU one layer at a time); (3) it is written as a GPTQ
 checkpoint (:func:`lm_eval_quant.export.save_quantized`; int formats at 2/3/4/8 bits) into
-``export_dir`` (default: a new temporary folder), the host model is freed; (4) lm-eval's own
+``export_dir`` (or ``save_quantized``; default: a new temporary folder), the host model is freed; (4) lm-eval's own
 ``vllm`` model is built on the export with the vLLM arguments passed through unchanged
 (``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``, ``data_parallel_size``,
 ``max_num_seqs``, ``enforce_eager``, ``batch_size``, ``max_gen_toks``, ...) and every request is
@@ -102,16 +102,19 @@ class HFQuantVLLM(LM):
         opts = {k: rest.pop(k) for k in list(rest) if k in method.OPTIONS}
         if "keep_qstate" in method.OPTIONS:
             opts.setdefault("keep_qstate", "true")  # exact integer state (act_order needs it)
-        for k in ("execution", "kernel", "save_quantized"):
-            if wrap.get(k) not in (None, "", "fake") and k != "save_quantized":
+        for k in ("execution", "kernel"):
+            if wrap.get(k) not in (None, "", "fake"):
                 raise QuantArgError(f"{_P}: {k}= does not apply; vLLM runs the export with its own kernels")
+        if wrap.get("save_quantized") and not ours.get("export_dir"):
+            ours["export_dir"] = wrap["save_quantized"]  # the export is what vLLM evaluates
         cfg = build_config(**core, **opts)
         check_exportable(cfg)
         require_vllm()
         self._cfg = cfg
         load = {k: rest.pop(k) for k in list(rest) if k in _HF_LOAD}
         vllm_args = dict(rest)  # passed through unchanged
-        export_dir = Path(ours.get("export_dir") or tempfile.mkdtemp(prefix="lmq-vllm-export-")) / "model"
+        export_dir = (Path(ours["export_dir"]) if ours.get("export_dir")
+                      else Path(tempfile.mkdtemp(prefix="lmq-vllm-export-")) / "model")
         t0 = time.perf_counter()
         args = {"pretrained": pretrained, **{k: v for k, v in load.items() if v is not None}}
         if ours.get("cache") is not None:
