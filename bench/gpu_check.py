@@ -156,10 +156,10 @@ def run_shape(shape, a, device, dtype, tok, calib, out_rows):
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # 4. vLLM on the export
+    # 4. vLLM on the export: after every shape's other figures (main() prints the table first)
     row["vllm_tok_s"] = None
-    if export_dir is not None:
-        row["vllm_tok_s"] = vllm_tps(export_dir, vocab, a)
+    row["_export"] = str(export_dir) if export_dir is not None else None
+    row["_vocab"] = vocab
     out_rows.append(row)
     print(json.dumps(row), flush=True)
 
@@ -246,6 +246,14 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for s in shapes:
         run_shape(s, a, device, dtype, tok, calib, rows)
+    if any(r.get("_export") for r in rows):
+        print(table(rows), flush=True)  # the table so far, in case vLLM's start-up runs out of time
+        for r in rows:
+            if r.get("_export"):
+                r["vllm_tok_s"] = vllm_tps(r["_export"], r["_vocab"], a)
+    for r in rows:
+        r.pop("_export", None)
+        r.pop("_vocab", None)
     print()
     print(f"gpu_check ({'dry run, ' if a.dry_run else ''}{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, {time.perf_counter() - t0:.0f} s; int4 g{a.group_size}; "
