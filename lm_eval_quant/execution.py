@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -189,7 +188,6 @@ def plan_execution(cfg, execution: Any = "fake", kernel: Any = None) -> ExecPlan
 # ---------------------------------------------------------------------------------------------
 def _kernel_class(name: str):
     """GPTQModel QuantLinear class of backend ``name`` (without validating a device)."""
-    import torch  # noqa: F401
     from gptqmodel.utils.backend import BACKEND
     from gptqmodel.utils.importer import get_kernel_for_backend
     from gptqmodel.quantization import FORMAT, METHOD
@@ -342,7 +340,7 @@ def make_real(model, cfg, report, plan: ExecPlan, device=None, progress: bool = 
     import torch
     from tqdm.auto import tqdm
 
-    from .methods.base import quantizable_linears, weight_matrix, is_conv1d
+    from .methods.base import quantizable_linears, weight_matrix
 
     if not plan.real or plan.backend not in ("gptq", "bnb"):
         raise ValueError("make_real needs a real plan for rtn/gptq/awq")
@@ -524,6 +522,8 @@ def _peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except Exception:  # pragma: no cover
         pass
+    import resource
+
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r * (1 if sys.platform == "darwin" else 1024)
 
