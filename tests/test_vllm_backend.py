@@ -110,6 +110,7 @@ def test_vllm_cell_plumbing_with_stand_in(tiny_llama, toy_task_dir, tmp_path, mo
     assert ex["backend"] == "vllm" and ex["export_dir"] == str(exp) and ex["loglikelihood_requests"] > 0
     assert ex["vllm_model_args"]["tensor_parallel_size"] == "2"
     json.dumps(r["config"], default=str)
+    assert r["config"]["model_num_parameters"] > 0  # the inner model's own info is kept
     # same answers as hf-quant on the fake-quantized weights (export decodes to them exactly;
     # the reload's auto CPU kernel multiplies in bf16: 2e-2)
     f = lm_eval.simple_evaluate(model="hf-quant", model_args=quant + ",device=cpu", tasks=["lmq_toy_mc"],

@@ -147,6 +147,12 @@ class HFQuantVLLM(LM):
         self._inner = make_vllm_lm(**vllm_args)
 
     # -- delegation -----------------------------------------------------------------------------
+    def __getattr__(self, name):  # anything else lm-eval asks of its vllm model (tokenizer, ...)
+        inner = self.__dict__.get("_inner")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(inner, name)
+
     def loglikelihood(self, requests, *a, **k):
         t0 = time.perf_counter()
         try:
