@@ -25,6 +25,7 @@ def register() -> None:
     import lm_eval.models  # noqa: F401  (built-in models register here)
 
     from lm_eval_quant.models import hf_quant  # noqa: F401  (@register_model("hf-quant"))
+    from lm_eval_quant.models import hf_quant_vllm  # noqa: F401  (issue 14: "hf-quant-vllm")
 
     _REGISTERED = True
 

@@ -166,6 +166,21 @@ def unpack_cols(packed, bits: int, m: int):
     return unpack_rows(packed.t().contiguous(), bits, m).t().contiguous()
 
 
+def gptq_tensors(codes, scale, zero, g_idx, bits: int, off: int) -> dict:
+    """One linear's GPTQ tensors from its integer state: codes [out, in], scale [out, G], integer
+    zero [out, G], g_idx [in]; ``off`` = 1 for v1 checkpoints (stores zero − 1), 0 for v2.
+    Used by the export and by ``execution=real`` (:mod:`lm_eval_quant.execution`)."""
+    import torch
+
+    z = torch.round(zero).to(torch.int64) if zero.is_floating_point() else zero.to(torch.int64)
+    return {
+        "qweight": pack_rows(codes.t().contiguous().to(torch.int64), bits),
+        "qzeros": pack_cols((z - off).t().contiguous() & ((1 << bits) - 1), bits),
+        "scales": scale.t().contiguous().to(torch.float16),
+        "g_idx": g_idx.to(torch.int32).contiguous(),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # integer state: from the method, or recovered exactly from the fake-quantized weights
 # ---------------------------------------------------------------------------------------------
@@ -434,10 +449,8 @@ def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict |
         replaced = set()
         for name, (codes, scale, zero, g_idx) in packed.items():
             mod = model.get_submodule(name)
-            state[f"{name}.qweight"] = pack_rows(codes.t().contiguous().to(torch.int64), bits)
-            state[f"{name}.qzeros"] = pack_cols((zero - off).t().contiguous() & ((1 << bits) - 1), bits)
-            state[f"{name}.scales"] = scale.t().contiguous().to(torch.float16)
-            state[f"{name}.g_idx"] = g_idx.to(torch.int32).contiguous()
+            for k, v in gptq_tensors(codes, scale, zero, g_idx, bits, off).items():
+                state[f"{name}.{k}"] = v
             if getattr(mod, "bias", None) is not None:
                 state[f"{name}.bias"] = mod.bias.detach().cpu().to(torch.float16).contiguous()
                 replaced.add(f"{name}.bias")

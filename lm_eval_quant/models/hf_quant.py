@@ -31,7 +31,7 @@ from ..methods.base import check_group_size, quantizable_linears
 
 log = logging.getLogger("lm_eval_quant")
 
-WRAPPER_KEYS = ("cache", "cache_dir", "save_quantized")
+WRAPPER_KEYS = ("cache", "cache_dir", "save_quantized", "execution", "kernel")  # issue 14: execution, kernel
 
 
 def split_model_args(kwargs: dict) -> tuple[dict, dict, dict]:
@@ -72,14 +72,25 @@ def config_from_model_args(kwargs: dict) -> tuple[Any, dict, dict]:
             opts[k] = rest.pop(k)  # build_config reports "x is an option of method=y"
     if wrap.get("save_quantized") and "keep_qstate" in method.OPTIONS:
         opts.setdefault("keep_qstate", "true")  # export writes the exact integer state
+    # issue 14: real execution of act_order GPTQ needs the kept integer state (non-contiguous groups)
+    if (str(wrap.get("execution") or "fake").lower() in ("real", "auto") and "keep_qstate" in method.OPTIONS
+            and str(opts.get("act_order", "false")).strip().lower() in ("true", "1", "yes", "on", "y", "t")):
+        opts.setdefault("keep_qstate", "true")
     cfg = build_config(**core, **opts)
     return cfg, wrap, get_method(cfg.method)
 
 
-def _precheck_shapes(pretrained: str, cfg, trust_remote_code: bool, revision: str | None) -> None:
+def _probe_device(device) -> str:
+    """issue 14: the device whose peak memory is measured (cuda when HFLM will use it)."""
+    d = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return d if d.startswith("cuda") and torch.cuda.is_available() else "cpu"
+
+
+def _precheck_shapes(pretrained: str, cfg, trust_remote_code: bool, revision: str | None, plan=None) -> None:
     """Check group_size against the real linear widths on a weightless (meta) copy of the
-    model, before any weights are read. Silently skipped if the architecture can't be built."""
-    if cfg.is_baseline or cfg.group_size == -1 or cfg.method == "bnb":
+    model, before any weights are read. Silently skipped if the architecture can't be built.
+    With an execution plan (issue 14) the packed-layout limits are checked instead."""
+    if plan is None and (cfg.is_baseline or cfg.group_size == -1 or cfg.method == "bnb"):
         return
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -89,6 +100,11 @@ def _precheck_shapes(pretrained: str, cfg, trust_remote_code: bool, revision: st
             meta = AutoModelForCausalLM.from_config(conf, trust_remote_code=trust_remote_code)
     except Exception as e:  # pragma: no cover - exotic models: checked after loading instead
         log.debug("shape pre-check skipped: %s", e)
+        return
+    if plan is not None:
+        from ..execution import check_real_shapes
+
+        check_real_shapes(quantizable_linears(meta, cfg.skip), cfg, plan)
         return
     check_group_size(quantizable_linears(meta, cfg.skip), cfg.group_size)
 
@@ -132,6 +148,17 @@ class HFQuantLM(HFLM):
         self._lmq_report: QuantReport | None = None
         self._lmq_accounting: dict | None = None
         self._lmq_timing: dict = {}
+        # issue 14: execution=fake|real|auto, kernel=...; memory probe from before the weights load
+        from ..execution import MemoryProbe, plan_execution
+
+        self._lmq_plan = plan_execution(cfg, wrap.get("execution"), wrap.get("kernel"))
+        self._lmq_exec_info: dict = {}
+        self._lmq_ll = {"tokens": 0, "seconds": 0.0, "requests": 0}
+        self._lmq_probe = MemoryProbe(_probe_device(kwargs.get("device"))).start()
+        if self._lmq_plan.real and self._lmq_plan.backend in ("gptq", "bnb") and (
+                kwargs.get("parallelize") or kwargs.get("device_map") not in (None, "", "cpu")):
+            raise QuantArgError("hf-quant: execution=real places the packed model on one device; drop "
+                                "parallelize/device_map (or use execution=fake)")
         if wrap.get("save_quantized"):
             from ..export import check_exportable
 
@@ -143,6 +170,9 @@ class HFQuantLM(HFLM):
                 bool(kwargs.get("trust_remote_code", False)),
                 kwargs.get("revision", "main"),
             )
+            if self._lmq_plan.real:  # issue 14: packed-layout limits, before any weights are read
+                _precheck_shapes(pretrained, cfg, bool(kwargs.get("trust_remote_code", False)),
+                                 kwargs.get("revision", "main"), plan=self._lmq_plan)
         self._lmq_device_arg = kwargs.get("device", "cuda")
         super().__init__(pretrained=pretrained, **kwargs)
         if not isinstance(pretrained, str):  # a model object: quantize it here
@@ -158,6 +188,9 @@ class HFQuantLM(HFLM):
                     f"cannot quantize it again (use method=none)"
                 )
             kwargs[k] = v
+        if self._lmq_plan.real and self._lmq_plan.backend in ("gptq", "bnb") and kwargs.get("device_map") is None:
+            # issue 14: load on the host; only packed layers go to the compute device (make_real)
+            kwargs["device_map"] = "cpu"
         t0 = time.perf_counter()
         super()._create_model(pretrained, *args, **kwargs)
         self._lmq_timing["load_s"] = time.perf_counter() - t0
@@ -197,6 +230,12 @@ class HFQuantLM(HFLM):
             from ..export import save_quantized
 
             save_quantized(model, cfg, save, report=report, tokenizer=ctx.tokenizer, source=model_id)
+        if self._lmq_plan.real and self._lmq_plan.backend in ("gptq", "bnb"):  # issue 14
+            from ..execution import make_real
+
+            t1 = time.perf_counter()
+            self._lmq_exec_info = make_real(model, cfg, report, self._lmq_plan, device=ctx.device, progress=True)
+            self._lmq_timing["pack_s"] = time.perf_counter() - t1
 
     def _lmq_quantize_cached(self, model, cfg, method, ctx, model_id, revision) -> QuantReport:
         """Quantize through the quantized-weights cache (cache=false turns it off)."""
@@ -221,8 +260,39 @@ class HFQuantLM(HFLM):
         info["quantization"] = self.quantization_info()
         return info
 
+    # issue 14: loglikelihood throughput of the run (tokens scored per second)
+    def _loglikelihood_tokens(self, requests, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return super()._loglikelihood_tokens(requests, *args, **kwargs)
+        finally:
+            self._lmq_ll["seconds"] += time.perf_counter() - t0
+            self._lmq_ll["requests"] += len(requests)
+            self._lmq_ll["tokens"] += sum(len(r[1]) + len(r[2]) for r in requests)
+
+    def execution_info(self) -> dict:
+        """issue 14: execution, kernel, measured resident bytes, peak memory, loglikelihood tokens/s."""
+        from ..execution import resident_bytes
+
+        plan = self._lmq_plan
+        out: dict = {"execution": plan.execution, "execution_requested": plan.requested, "kernel": plan.kernel}
+        if plan.fallback:
+            out["execution_fallback"] = plan.fallback
+        out.update(self._lmq_exec_info)
+        model = getattr(self, "_model", None)
+        if model is not None:
+            out["resident"] = resident_bytes(model)
+        out.update(self._lmq_probe.peak())
+        ll = self._lmq_ll
+        out["loglikelihood_tokens"] = int(ll["tokens"])
+        out["loglikelihood_seconds"] = round(ll["seconds"], 3)
+        out["loglikelihood_tokens_per_s"] = round(ll["tokens"] / ll["seconds"], 2) if ll["seconds"] > 0 else None
+        return out
+
     def quantization_info(self) -> dict:
         acc = dict(self._lmq_accounting or {})
+        if getattr(self, "_lmq_plan", None) is not None:  # issue 14
+            acc["execution"] = self.execution_info()
         if self._lmq_report is not None:
             acc["quantize_seconds"] = round(self._lmq_timing.get("quantize_s", 0.0), 3)
             extra = {k: v for k, v in self._lmq_report.extra.items() if k not in ("qstate", "extra_bits")}

@@ -84,6 +84,12 @@ class Run:
     method_label: str = ""      # sweep method label (two GPTQ variants differ here), else = method
     files: list[str] = field(default_factory=list)
     tasks: dict[str, TaskResult] = field(default_factory=dict)
+    # issue 14: measured next to accounted (results of execution=real/fake runs carry them)
+    execution: str = ""                 # "" (not recorded) | fake | real
+    kernel: str = ""
+    measured_gb: float | None = None    # resident bytes of the model's weights and buffers
+    peak_gb: float | None = None        # CUDA max_memory_allocated, or peak RSS above the start on CPU
+    tok_s: float | None = None          # loglikelihood tokens/s of the run
 
     @property
     def label(self) -> str:
@@ -310,6 +316,15 @@ def run_from_results(d: dict, path: Path) -> Run:
         kind = "plain"
     labels = d.get("sweep") if isinstance(d.get("sweep"), dict) else {}
     method_label = str(labels.get("method_label") or method) if method != "none" else "none"
+    ex = (q or {}).get("execution") if isinstance((q or {}).get("execution"), dict) else {}  # issue 14
+    ex_mode = str(ex.get("execution") or "")
+    res = ex.get("resident") if isinstance(ex.get("resident"), dict) else {}
+    measured_gb = _num(res.get("total_bytes")) / GB if _num(res.get("total_bytes")) is not None else None
+    peak = _num(ex.get("peak_device_bytes"))
+    if peak is None:
+        peak = _num(ex.get("peak_rss_above_baseline_bytes"))
+    if ex_mode == "real":  # a real-kernel run is its own row next to the fake-quantized one
+        method_label = f"{method_label} (real)"
     key = (
         model_path,
         method_label,
@@ -340,6 +355,11 @@ def run_from_results(d: dict, path: Path) -> Run:
         source_kind=kind,
         family=str(labels.get("family") or ""),
         method_label=method_label,
+        execution=ex_mode,
+        kernel=str(ex.get("kernel") or ""),
+        measured_gb=measured_gb,
+        peak_gb=peak / GB if peak is not None else None,
+        tok_s=_num(ex.get("loglikelihood_tokens_per_s")),
     )
 
 

@@ -243,6 +243,12 @@ class Row:
             "total_bits": r.total_bits,
             "model_gb": r.model_gb,
             "limit": r.limit,
+            # issue 14: measured figures
+            "execution": r.execution or None,
+            "kernel": r.kernel or None,
+            "measured_gb": r.measured_gb,
+            "peak_gb": r.peak_gb,
+            "tok_s": r.tok_s,
         }
 
 
@@ -441,8 +447,16 @@ def _show_limit(table: Table) -> bool:
     return any(r.run.limit is not None for r in table.rows)
 
 
+def _show_measured(table: Table) -> bool:  # issue 14
+    return any(r.run.measured_gb is not None for r in table.rows)
+
+
+MEASURED_HEADERS = ["measured GB", "peak GB", "tok/s"]
+
+
 def _base_headers(table: Table) -> list[str]:
-    return BASE_HEADERS + (["limit"] if _show_limit(table) else [])
+    return (BASE_HEADERS + (MEASURED_HEADERS if _show_measured(table) else [])
+            + (["limit"] if _show_limit(table) else []))
 
 
 def _base_cells(row: Row, table: Table) -> list[str]:
@@ -452,6 +466,8 @@ def _base_cells(row: Row, table: Table) -> list[str]:
         "" if r.group_size is None else str(r.group_size),
         _f(r.bits_per_weight, 3), _f(r.bits_per_param, 3), _gb(r.model_gb),
     ]
+    if _show_measured(table):  # issue 14: measured next to the accounted "model GB"
+        cells += [_gb(r.measured_gb), _gb(r.peak_gb), "" if r.tok_s is None else f"{r.tok_s:.0f}"]
     if _show_limit(table):
         cells.append("" if r.limit is None else _fmt_bits(r.limit))
     return cells

@@ -58,8 +58,10 @@ _NOT_KEYED = {"cell_timeout", "include_defaults", "batch_size", "max_batch_size"
 
 TOP_KEYS = {
     "name", "models", "methods", "bits", "group_sizes", "formats", "sym", "tasks",
-    "model_args", "harness", "lm_eval_model",
+    "model_args", "harness", "lm_eval_model", "backend",
 }
+# issue 14: `backend: vllm` evaluates each cell's GPTQ export with lm-eval's vllm model
+BACKENDS = {"hf": "hf-quant", "vllm": "hf-quant-vllm"}
 # Harness options may also be given at the top level of the YAML for convenience.
 _ALIASES = {"group_size": "group_sizes", "format": "formats", "method": "methods", "model": "models",
             "task": "tasks"}
@@ -349,6 +351,13 @@ class SweepSpec:
             kw["name"] = str(d["name"])
         if d.get("lm_eval_model"):
             kw["lm_eval_model"] = str(d["lm_eval_model"])
+        if d.get("backend") is not None:  # issue 14
+            b = str(d["backend"]).strip().lower()
+            if b not in BACKENDS:
+                raise QuantArgError(f"sweep spec: backend={d['backend']!r} is not one of {', '.join(BACKENDS)}")
+            if d.get("lm_eval_model") and str(d["lm_eval_model"]) != BACKENDS[b]:
+                raise QuantArgError(f"sweep spec: backend: {b} runs lm_eval_model {BACKENDS[b]}; drop lm_eval_model")
+            kw["lm_eval_model"] = BACKENDS[b]
         spec = cls(**kw)
         spec.validate()
         return spec
