@@ -159,7 +159,7 @@ class HFQuantLM(HFLM):
 
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
         try:
-            if _running_cli():
+            if _running_cli() or "hf-quant" in sys.argv:
                 # lm-eval's own parser keeps the last of two equal keys silently: look at the
                 # command line it parsed (a JSON model_args is left to lm-eval)
                 raw = argv_model_args(sys.argv)
