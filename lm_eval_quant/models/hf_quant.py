@@ -154,6 +154,71 @@ def warn_unmatched_skip(model, cfg) -> None:
             log.warning(msg)
 
 
+def preflight(pretrained: Any, kwargs: dict, warn: bool = True) -> tuple[Any, dict, Any]:
+    """Everything checked before any weights are read; pops our keys out of `kwargs` (the rest is
+    HFLM's) and returns (QuantConfig, wrapper args, method). Raises QuantArgError (one line)."""
+    if pretrained is None:
+        raise QuantArgError("hf-quant: pretrained=PATH_OR_HUB_ID is required")
+    check_paths_and_dtype(pretrained, kwargs)
+    if isinstance(pretrained, str):
+        # a pre-quantized checkpoint (GPTQ/AWQ/bnb/compressed-tensors) is evaluated as it is:
+        # method defaults to none, and asking for another method is one clear line
+        # (lm-eval parses method=none as None)
+        asked = (kwargs["method"] or "none") if "method" in kwargs else None
+        qc = prequant.check_prequantized(
+            pretrained,
+            asked,
+            revision=kwargs.get("revision"),
+            subfolder=kwargs.get("subfolder") or "",
+            trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
+        )
+        if qc and asked is None:
+            kwargs["method"] = "none"
+    cfg, wrap, method = config_from_model_args(kwargs)
+    if wrap.get("save_quantized"):
+        from ..export import check_exportable, check_output
+
+        check_exportable(cfg)  # before any weights are read
+        check_output(wrap["save_quantized"])
+    conf = meta = None
+    if isinstance(pretrained, str):
+        conf, meta = _meta_model(pretrained, kwargs)
+    check_rest_keys(kwargs, conf)
+    if meta is not None:
+        dev = kwargs.get("device") or "cpu"
+        method.check_shapes(meta, cfg, dev if str(dev).startswith(("cpu", "cuda", "mps", "xpu")) else "cpu")
+        if wrap.get("save_quantized"):
+            from ..export import check_export_shapes
+
+            check_export_shapes(meta, cfg)
+        if warn and not cfg.is_baseline:
+            warn_unmatched_skip(meta, cfg)
+    return cfg, wrap, method
+
+
+def precheck_command_line(argv: list[str]) -> None:
+    """For `lm-eval-quant --model hf-quant --model_args ...`: run :func:`preflight` on the command
+    line before lm-eval builds its task index (seconds), so a bad argument is said at once."""
+    model = raw = device = None
+    for i, a in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if a == "--model":
+            model = nxt
+        elif a.startswith("--model="):
+            model = a.split("=", 1)[1]
+        elif a == "--device":
+            device = nxt
+    if model != "hf-quant":
+        return
+    raw = argv_model_args(argv)
+    if raw is None or raw.lstrip().startswith("{"):
+        return
+    kwargs = split_model_args(raw, where="hf-quant", typed=True)
+    if device and "device" not in kwargs:
+        kwargs["device"] = device
+    preflight(kwargs.pop("pretrained", None), kwargs, warn=False)
+
+
 class HFQuantLM(HFLM):
     """HFLM whose model is quantized on the fly. See the module docstring."""
 
@@ -174,44 +239,13 @@ class HFQuantLM(HFLM):
             raise
 
     def _lmq_init(self, pretrained: Any = None, **kwargs: Any) -> None:
-        if pretrained is None:
-            raise QuantArgError("hf-quant: pretrained=PATH_OR_HUB_ID is required")
-        check_paths_and_dtype(pretrained, kwargs)
-        if isinstance(pretrained, str):
-            # a pre-quantized checkpoint (GPTQ/AWQ/bnb/compressed-tensors) is evaluated as it is:
-            # method defaults to none, and asking for another method is one clear line
-            # (lm-eval parses method=none as None)
-            asked = (kwargs["method"] or "none") if "method" in kwargs else None
-            qc = prequant.check_prequantized(
-                pretrained,
-                asked,
-                revision=kwargs.get("revision"),
-                subfolder=kwargs.get("subfolder") or "",
-                trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
-            )
-            if qc and asked is None:
-                kwargs["method"] = "none"
-        cfg, wrap, method = config_from_model_args(kwargs)
+        cfg, wrap, method = preflight(pretrained, kwargs)
         self._lmq_cfg = cfg
         self._lmq_method = method
         self._lmq_wrap = wrap
         self._lmq_report: QuantReport | None = None
         self._lmq_accounting: dict | None = None
         self._lmq_timing: dict = {}
-        if wrap.get("save_quantized"):
-            from ..export import check_exportable, check_output
-
-            check_exportable(cfg)  # before any weights are read
-            check_output(wrap["save_quantized"])
-        conf = meta = None
-        if isinstance(pretrained, str):
-            conf, meta = _meta_model(pretrained, kwargs)
-        check_rest_keys(kwargs, conf)
-        if meta is not None:
-            dev = kwargs.get("device") or "cpu"
-            method.check_shapes(meta, cfg, dev if str(dev).startswith(("cpu", "cuda", "mps", "xpu")) else "cpu")
-            if not cfg.is_baseline:
-                warn_unmatched_skip(meta, cfg)
         self._lmq_device_arg = kwargs.get("device", "cuda")
         super().__init__(pretrained=pretrained, **kwargs)
         if not isinstance(pretrained, str):  # a model object: quantize it here
