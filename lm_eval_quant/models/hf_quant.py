@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -98,6 +99,9 @@ def check_paths_and_dtype(pretrained: Any, kwargs: dict) -> None:
                 raise QuantArgError(f"hf-quant: subfolder={kwargs.get('subfolder')} does not exist in {pretrained}")
             if not kwargs.get("gguf_file"):
                 conf = os.path.join(d, "config.json")
+                if not os.path.isfile(conf) and re.search(r"\.tmp-\d+$", os.path.basename(os.path.normpath(root))):
+                    raise QuantArgError(f"hf-quant: {pretrained} is the temp folder of an export that did not finish (no config.json); "
+                                        f"it holds no usable checkpoint (the next export next to it removes it)")
                 if not os.path.isfile(conf):
                     raise QuantArgError(f"hf-quant: {d} has no config.json; is pretrained= a Hugging Face model folder?")
                 try:
