@@ -231,7 +231,7 @@ def unknown_key_error(where: str, key: str, value: Any, valid: Iterable[str], co
     msg = f"{where}: unknown argument {key}={value}{context}"
     if close:
         msg += f"; did you mean {close[0]}?"
-    return QuantArgError(f"{msg} Valid keys: {', '.join(valid)}")
+    return QuantArgError(f"{msg}. Valid keys: {', '.join(valid)}")
 
 
 # ---------------------------------------------------------------------------------------------

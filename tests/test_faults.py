@@ -134,7 +134,7 @@ HF_CASES = [
     ("sym with nf", "pretrained={ok},method=rtn,bits=4,format=nf,sym=true", "error", "sym=true only applies"),
     ("sym with fp", "pretrained={ok},method=rtn,bits=4,format=fp,sym=true", "error", "sym=true only applies"),
     ("fp e0m3", "pretrained={ok},method=rtn,bits=4,format=fp:e0m3", "error", "exponent"),
-    ("nsamples 1e9", "pretrained={ok},method=gptq,bits=4,nsamples=1000000000", "error", "nsamples"),
+    ("nsamples 1e9", "pretrained={ok},method=gptq,bits=4,calib={good_txt},nsamples=1000000000", "error", "nsamples"),
     ("binary calib jsonl", "pretrained={ok},method=gptq,bits=4,calib={bin_jsonl},nsamples=2,seqlen=16",
      "error", "not UTF-8 text"),
     ("binary calib txt", "pretrained={ok},method=gptq,bits=4,calib={bin_txt},nsamples=2,seqlen=16",
