@@ -189,7 +189,7 @@ def test_cache_subfolder_is_part_of_the_key(models, toy_task_dir, tmp_path):
     shutil.copytree(models["w172"], repo / "b")
     cache = tmp_path / "c"
     for sub in ("a", "b"):
-        p = _cli(_eval_args(f"pretrained={repo},subfolder={sub},tokenizer={repo / sub},method=rtn,bits=4,"
+        p = _cli(_eval_args(f"pretrained={repo},subfolder={sub},method=rtn,bits=4,"
                             f"group_size=-1,cache_dir={cache}", toy_task_dir), tmp_path)
         assert p.returncode == 0, p.stderr[-3000:]
     got = "error" if len(_entries(cache)) == 2 else "silent"   # one shared entry = a wrong hit
