@@ -350,12 +350,15 @@ class ResolvedArgs:
 
 
 def resolve(model_args: str | Mapping | None, *, where: str = "hf-quant", known_rest: Iterable[str] | None = None,
-            default_method: str | None = None, for_export: bool = False) -> ResolvedArgs:
+            default_method: str | None = None, for_export: bool = False,
+            passthrough: Iterable[str] = ()) -> ResolvedArgs:
     """model_args (string or dict) → :class:`ResolvedArgs` (typed, validated).
 
     ``known_rest``: the other keys the caller accepts (e.g. HFLM's parameters); a key that is
     neither ours nor in it is an error with a close-match suggestion. ``None``: not checked.
     ``for_export``: the method keeps its exact integer state (``keep_qstate``) when it can.
+    ``passthrough``: keys that belong to the caller even when another method has an option of
+    that name (checked later by the caller, e.g. against the model's config).
     """
     from .methods import all_option_names, get_method
 
@@ -373,8 +376,9 @@ def resolve(model_args: str | Mapping | None, *, where: str = "hf-quant", known_
     opts = {k: args.pop(k) for k in list(args) if k in declared}
     known = set(known_rest) if known_rest is not None else None
     owners = all_option_names()
+    mine = set(passthrough) | (known or set())
     for k in list(args):
-        if k in owners and (known is None or k not in known):
+        if k in owners and k not in mine:
             opts[k] = args.pop(k)  # build_config says "x is an option of method=y"
     if known is not None:
         for k, v in args.items():

@@ -62,7 +62,7 @@ def config_from_model_args(kwargs: dict) -> tuple[Any, dict, Any]:
     """Pop our arguments out of `kwargs` (modified in place) and return (QuantConfig, wrapper
     args as a dict, method). Raises QuantArgError (one line) on any bad argument. Keys that are
     not ours are left in `kwargs` for HFLM (checked against it by :func:`check_rest_keys`)."""
-    r = resolve(kwargs, where="hf-quant", known_rest=None)
+    r = resolve(kwargs, where="hf-quant", known_rest=None, passthrough=known_keys())
     for k in list(kwargs):
         if k not in r.rest:
             kwargs.pop(k)
