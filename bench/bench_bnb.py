@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 VARIANTS = [
     ("hf (fp32)", "hf", ""),
     ("hf-quant rtn int4 g128 (fake)", "hf-quant", "method=rtn,bits=4,group_size=128,cache=false"),
-    ("hf-quant rtn nf4 g64 (fake)", "hf-quant", "method=rtn,bits=4,format=nf,group_size=64,sym=true,cache=false"),
+    ("hf-quant rtn nf4 g64 (fake)", "hf-quant", "method=rtn,bits=4,format=nf,group_size=64,cache=false"),
     ("hf-quant bnb nf4", "hf-quant", "method=bnb,format=nf4"),
     ("hf-quant bnb nf4 double_quant", "hf-quant", "method=bnb,format=nf4,double_quant=true"),
     ("hf-quant bnb fp4", "hf-quant", "method=bnb,format=fp4"),

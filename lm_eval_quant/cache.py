@@ -6,17 +6,20 @@
 
 Key = sha256 of the canonical JSON of {model identity, cfg.to_dict() (options included), the
 calibration identity, lm_eval_quant.__version__, the model's dtype, the cache format version}.
-The model identity is the hub id + revision + resolved commit for hub models, and for a local
-folder the sha256 of every weight/config/tokenizer file's *contents* (cached per
-(path, size, mtime_ns, inode) in ``<cache_dir>/file_hashes.json``, so a 14 GB model is hashed
-once, and any rewrite of a file is noticed).
+The model identity covers everything that is loaded: for a hub model the id + revision +
+resolved commit, for a local folder an xxh3-128 hash of every weight/config/tokenizer file's
+*contents* -- of the folder, of the ``subfolder=`` actually loaded, of a ``gguf_file=``, and of
+the ``peft=`` adapter / ``delta=`` weights applied on top. File hashes are memoised per
+(path, size, mtime_ns, ctime_ns, inode) in ``<cache_dir>/file_hashes.json``, so a 14 GB model
+is hashed once, and any rewrite of a file is noticed (an in-place rewrite that restores size,
+mtime and inode still moves the ctime).
 
 Entry = ``<cache_dir>/entries/<key>/`` holding
   ``tensors.safetensors``  the parameters in ``report.modified`` at the model's dtype (never pickle),
                             plus a method's integer state (``qstate``) when it kept one;
-  ``manifest.json``         key fields, tensor names/shapes/dtypes, file size, a fast checksum,
-                            the sha256 of the tensors file, the report (modified, seconds, the
-                            JSON-able part of extra) and the creation time.
+  ``manifest.json``         key fields, tensor names/shapes/dtypes, file size, the xxh3-128 of
+                            the tensors file, the report (modified, seconds, the JSON-able part of
+                            extra), the creation time, and an xxh3-128 of the manifest itself.
 
 Writes go to ``<cache_dir>/tmp/<key>.<pid>.<random>/`` and are published with one
 ``os.rename`` of the folder, so a reader sees a complete entry or none (a process killed
@@ -24,12 +27,14 @@ mid-write leaves only a tmp folder, swept on a later write). A per-key file lock
 (``<cache_dir>/locks/<key>.lock``, filelock) serialises writers and readers: when two processes
 quantize the same config at once, the second waits for the first and then loads its entry.
 
-Loads are verified: manifest key, file size, and a checksum over every byte of the tensors
-file (two wrapping 64-bit sums over 8-byte words, the second position-weighted; any changed,
-swapped or truncated byte range is detected; it runs at memory speed, ~30 ms per 400 MB, which
-is what keeps a hit within 1.1x of a plain load -- sha256 would cost ~0.3 s per 400 MB; set
-``LMQ_CACHE_VERIFY=sha256`` to check the sha256 too). A corrupt entry is reported in one warning
-line, deleted and recomputed. Tensors are memory-mapped from the verified file, not copied.
+Loads are verified: the manifest's own checksum, its key, the file size, and xxh3-128 over every
+byte of the tensors file (a real hash, at memory speed: a changed, moved, swapped or truncated
+byte range is detected). Any error while reading or applying an entry (a damaged manifest that
+still parses, a wrong layer name, a shape mismatch) means corrupt: one warning line, the entry is
+deleted and recomputed; the model is only changed once the whole entry has been checked.
+Tensors are memory-mapped from the verified file, not copied. A cache folder that is read-only
+or full costs one warning: the evaluation goes on without storing (an existing entry is still
+used when it can be read).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from typing import Any, Callable
 
 logger = logging.getLogger("lm_eval_quant.cache")
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: xxh3-128 checksums of the tensors and of the manifest
 _HASHED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt", ".tiktoken", ".py")
 _QSTATE_PREFIX = "__qstate__."
 _PAUSE_ENV = "LMQ_CACHE_TEST_PAUSE_BEFORE_PUBLISH"  # tests only: seconds to sleep before the rename
@@ -94,69 +99,129 @@ def _sha256_file(p: Path, progress=None) -> str:
     return h.hexdigest()
 
 
-def _hash_files(files: list[Path], side_file: Path | None) -> dict[str, str]:
-    """sha256 of each file's contents, memoised in `side_file` by (realpath, size, mtime_ns, ino)."""
+def _xxh_file(p: Path, progress=None) -> str:
+    """xxh3-128 of a file's contents (every byte; GB/s, so model files are fingerprinted fast)."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(p, "rb") as f:
+        while True:
+            b = f.read(1 << 24)
+            if not b:
+                break
+            h.update(b)
+            if progress is not None:
+                progress.update(len(b))
+    return "xxh3_128:" + h.hexdigest()
+
+
+def _hash_files(files: list[Path], side_file: Path | None, base: Path | None = None) -> dict[str, str]:
+    """Contents hash of each file, memoised in `side_file` by (realpath, size, mtime_ns, ctime_ns,
+    inode): a file rewritten in place keeps size, mtime and inode only if someone set them back,
+    and then its ctime still moved. Keys are paths relative to `base` (else names)."""
     from tqdm.auto import tqdm
 
     memo: dict[str, str] = {}
     if side_file is not None and side_file.exists():
         try:
             memo = json.loads(side_file.read_text())
-        except Exception:
+        except (OSError, ValueError):
+            memo = {}
+        if not isinstance(memo, dict):
             memo = {}
     out: dict[str, str] = {}
     todo = []
     for p in files:
         st = p.stat()
-        mk = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        name = str(p.relative_to(base)) if base is not None else p.name
+        mk = f"xxh3|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
         if mk in memo:
-            out[p.name] = memo[mk]
+            out[name] = memo[mk]
         else:
-            todo.append((p, mk, st.st_size))
+            todo.append((p, name, mk, st.st_size))
     if todo:
-        total = sum(s for _, _, s in todo)
+        total = sum(s for *_, s in todo)
         with tqdm(total=total, unit="B", unit_scale=True, desc="hf-quant cache: hashing model files",
                   disable=total < (256 << 20)) as bar:
-            for p, mk, _ in todo:
-                out[p.name] = memo[mk] = _sha256_file(p, bar)
+            for p, name, mk, _ in todo:
+                out[name] = memo[mk] = _xxh_file(p, bar)
         if side_file is not None:
             try:
                 side_file.parent.mkdir(parents=True, exist_ok=True)
                 tmp = side_file.with_name(f"{side_file.name}.{os.getpid()}.{secrets.token_hex(4)}")
                 tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
                 os.replace(tmp, side_file)
-            except OSError:
-                pass
+            except OSError as e:  # read-only / full cache: the memo is an optimisation only
+                logger.debug("hf-quant cache: file-hash memo not written (%s)", e)
     return out
 
 
+def _folder_identity(d: Path, side: Path, extra_files: list[Path] = ()) -> dict:
+    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix in _HASHED_SUFFIXES)
+    files += [p for p in extra_files if p.is_file() and p not in files]
+    return {"local": True, "files": _hash_files(files, side, base=d)}
+
+
+def _source_identity(src: Any, revision: str | None, side: Path, subfolder: str = "",
+                     gguf_file: str | None = None, model: Any = None) -> dict:
+    """Identity of one thing that is loaded: a local folder (its files' contents; with
+    `subfolder`, the files of that folder too; with `gguf_file`, that file) or a hub id."""
+    p = Path(str(src)).expanduser()
+    if p.is_dir():
+        d = p.resolve()
+        ident = _folder_identity(d, side)
+        if subfolder:
+            sub = (d / subfolder).resolve()
+            ident["subfolder"] = str(subfolder)
+            if sub.is_dir():
+                extra = [sub / gguf_file] if gguf_file else []
+                ident["subfolder_files"] = _folder_identity(sub, side, extra)["files"]
+        if gguf_file:
+            ident["gguf_file"] = str(gguf_file)
+            g = (d / subfolder / gguf_file) if subfolder else d / gguf_file
+            if g.is_file() and g.suffix not in _HASHED_SUFFIXES:
+                ident["gguf"] = _hash_files([g], side)
+        return ident
+    commit = None
+    if model is not None:
+        commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if commit is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            c = try_to_load_from_cache(str(src), "config.json", revision=revision)
+            if isinstance(c, str) and "/snapshots/" in c:
+                commit = c.split("/snapshots/")[1].split("/")[0]
+        except Exception as e:  # noqa: BLE001  (no hub cache: the id and revision still key it)
+            logger.debug("hub commit lookup failed: %s", e)
+            commit = None
+    ident = {"hub": str(src), "revision": revision or "main", "commit": commit}
+    if subfolder:
+        ident["subfolder"] = str(subfolder)
+    if gguf_file:
+        ident["gguf_file"] = str(gguf_file)
+    return ident
+
+
 def model_identity(pretrained: Any, revision: str | None = None, model: Any = None,
-                   cache_dir: str | os.PathLike | None = None) -> dict:
-    """What identifies the weights that were quantized.
+                   cache_dir: str | os.PathLike | None = None, subfolder: str = "",
+                   peft: str | None = None, delta: str | None = None, gguf_file: str | None = None) -> dict:
+    """What identifies the weights that were quantized: everything that is loaded.
 
-    Local folder → sha256 of each weight / config / tokenizer file there (memoised).
-    Hub id → {"hub": id, "revision": revision, "commit": resolved commit hash if known}.
-    An in-memory model object (no path) → a sha256 over its state_dict bytes.
+    Local folder → a contents hash (xxh3-128) of each weight / config / tokenizer file there,
+    and of the `subfolder` and `gguf_file` actually loaded (memoised). Hub id → {"hub", "revision",
+    "commit"} (+ subfolder / gguf_file). A PEFT adapter (`peft=`) or delta weights (`delta=`)
+    applied on top are identified the same way. An in-memory model object (no path) → a sha256
+    over its state_dict bytes.
     """
-    if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).expanduser().is_dir():
-        d = Path(pretrained).expanduser().resolve()
-        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix in _HASHED_SUFFIXES)
-        side = Path(cache_dir or default_cache_dir()) / "file_hashes.json"
-        return {"local": True, "files": _hash_files(files, side)}
-    if isinstance(pretrained, str):
-        commit = None
-        if model is not None:
-            commit = getattr(getattr(model, "config", None), "_commit_hash", None)
-        if commit is None:
-            try:
-                from huggingface_hub import try_to_load_from_cache
-
-                p = try_to_load_from_cache(pretrained, "config.json", revision=revision)
-                if isinstance(p, str) and "/snapshots/" in p:
-                    commit = p.split("/snapshots/")[1].split("/")[0]
-            except Exception:
-                commit = None
-        return {"hub": pretrained, "revision": revision or "main", "commit": commit}
+    side = Path(cache_dir or default_cache_dir()) / "file_hashes.json"
+    if isinstance(pretrained, (str, os.PathLike)) and str(pretrained):
+        ident = _source_identity(pretrained, revision, side, subfolder or "", gguf_file, model)
+        if peft:
+            ident["peft"] = _source_identity(peft, None, side)
+        if delta:
+            ident["delta"] = _source_identity(delta, None, side)
+        return ident
     if model is not None:
         h = hashlib.sha256()
         for k, v in sorted(model.state_dict().items()):
@@ -206,42 +271,26 @@ def cache_key(identity: dict, cfg_dict: dict, calib: dict | None, dtype: str) ->
 # checksum
 # ---------------------------------------------------------------------------------------------
 def fast_checksum(path: str | os.PathLike) -> str:
-    """Checksum over every byte of a file at memory speed.
-
-    The file is read as little-endian int64 words (a 0-7 byte tail separately); with chunk sums
-    c_j over 65,536 words, it returns (size, Σ words, Σ j·c_j, tail) with wrapping 64-bit sums.
-    A change confined to one word always changes Σ words; moved data changes the weighted sum.
-    """
-    import numpy as np
-    import torch
+    """xxh3-128 over every byte of a file (a real hash: any changed, moved, swapped or truncated
+    byte range changes it), at memory speed; the file is memory-mapped, not copied."""
+    import xxhash
 
     size = os.path.getsize(path)
-    n8 = size // 8
-    chunk = 1 << 16
-    s1 = s2 = 0
-    tail = b""
+    h = xxhash.xxh3_128()
     with open(path, "rb") as f:
-        if n8:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            try:
-                arr = np.frombuffer(mm, dtype="<i8", count=n8)
-                x = torch.from_numpy(arr)
-                full = n8 // chunk * chunk
-                parts = []
-                if full:
-                    parts.append(x[:full].view(-1, chunk).sum(dim=1))
-                if full < n8:
-                    parts.append(x[full:].sum().view(1))
-                c = torch.cat(parts)
-                s1 = int(c.sum())
-                s2 = int((c * torch.arange(1, c.numel() + 1, dtype=torch.int64)).sum())
-                del x, arr, c, parts
-            finally:
-                mm.close()
-        f.seek(n8 * 8)
-        tail = f.read()
-    mask = (1 << 64) - 1
-    return f"sum64:{size}:{s1 & mask:016x}:{s2 & mask:016x}:{tail.hex()}"
+        if size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                h.update(mm)
+    return f"xxh3_128:{size}:{h.hexdigest()}"
+
+
+def manifest_checksum(man: dict) -> str:
+    """xxh3-128 of the manifest's canonical JSON without its own checksum field."""
+    import xxhash
+
+    body = {k: v for k, v in man.items() if k != "manifest_checksum"}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return "xxh3_128:" + xxhash.xxh3_128(blob.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +349,8 @@ class QuantCache:
             man = json.loads(mpath.read_text())
         except Exception as e:
             raise CacheCorrupt(f"unreadable manifest ({type(e).__name__})") from None
+        if not isinstance(man, dict) or man.get("manifest_checksum") != manifest_checksum(man):
+            raise CacheCorrupt("manifest checksum mismatch")
         if man.get("key") != key or man.get("cache_format") != CACHE_FORMAT:
             raise CacheCorrupt("manifest does not match its key")
         try:
@@ -310,8 +361,6 @@ class QuantCache:
             raise CacheCorrupt(f"tensors file has {size} bytes, manifest says {man.get('file_size')}")
         if fast_checksum(tpath) != man.get("checksum"):
             raise CacheCorrupt("checksum mismatch")
-        if os.environ.get("LMQ_CACHE_VERIFY", "").lower() == "sha256" and _sha256_file(tpath) != man.get("sha256"):
-            raise CacheCorrupt("sha256 mismatch")
         try:
             tensors = load_file(str(tpath))
         except Exception as e:
@@ -356,11 +405,11 @@ class QuantCache:
                                 "bytes": v.numel() * v.element_size()} for k, v in tensors.items()},
                 "file_size": tpath.stat().st_size,
                 "checksum": fast_checksum(tpath),
-                "sha256": _sha256_file(tpath),
                 "report": report_info,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "created_by_pid": os.getpid(),
             }
+            man["manifest_checksum"] = manifest_checksum(man)
             mp = tmp / "manifest.json"
             mp.write_text(json.dumps(man, indent=1, sort_keys=True, default=str))
             with open(mp, "rb+") as f:
@@ -416,22 +465,36 @@ def _join_qstate(tensors: dict, qmeta: dict) -> dict:
 
 
 def _apply(model, man: dict, tensors: dict) -> None:
-    """Point the model's modified parameters at the cached tensors (no copy on CPU)."""
+    """Point the model's modified parameters at the cached tensors (no copy on CPU). Every name,
+    shape and dtype is checked before anything is changed, so a bad entry leaves the model as
+    it was (CacheCorrupt) and can be recomputed."""
     import torch
 
     params = dict(model.named_parameters(remove_duplicate=False))
     bufs = dict(model.named_buffers(remove_duplicate=False))
+    modified = (man.get("report") or {}).get("modified")
+    if not isinstance(modified, list):
+        raise CacheCorrupt("manifest has no list of modified parameters")
+    plan = []
+    for name in modified:
+        t = tensors.get(name) if isinstance(name, str) else None
+        if t is None:
+            raise CacheCorrupt(f"no cached tensor for {name!r}")
+        p = params.get(name)
+        if p is None and name in bufs:
+            target = bufs[name]
+        elif p is None:
+            raise CacheCorrupt(f"the model has no parameter {name}")
+        else:
+            target = p
+        if tuple(target.shape) != tuple(t.shape) or target.dtype != t.dtype:
+            raise CacheCorrupt(f"{name}: cached {tuple(t.shape)} {t.dtype} vs model {tuple(target.shape)} {target.dtype}")
+        plan.append((name, t, p))
     with torch.no_grad():
-        for name in man["report"]["modified"]:
-            t = tensors[name]
-            p = params.get(name)
-            if p is None and name in bufs:
+        for name, t, p in plan:
+            if p is None:
                 bufs[name].copy_(t)
                 continue
-            if p is None:
-                raise CacheCorrupt(f"the model has no parameter {name}")
-            if tuple(p.shape) != tuple(t.shape) or p.dtype != t.dtype:
-                raise CacheCorrupt(f"{name}: cached {tuple(t.shape)} {t.dtype} vs model {tuple(p.shape)} {p.dtype}")
             mod_name, _, attr = name.rpartition(".")
             mod = model.get_submodule(mod_name) if mod_name else model
             shared = [n for n, q in params.items() if q is p and n != name]
@@ -445,6 +508,15 @@ def _apply(model, man: dict, tensors: dict) -> None:
                     conf.tie_word_embeddings = False  # as the method's untie did on the miss
             else:
                 p.data = t if p.device.type == "cpu" else t.to(p.device)
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    logger.warning(msg)
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 def load_or_quantize(model, cfg, identity: dict, quantize_fn: Callable[[], Any],
@@ -463,51 +535,73 @@ def load_or_quantize(model, cfg, identity: dict, quantize_fn: Callable[[], Any],
         return rep, False
     store = QuantCache(cache_dir)
     key, fields = cache_key(identity, cfg.to_dict(), calib, _dtype_name(model))
-    lock = store.lock(key)
     from filelock import Timeout
 
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        logger.warning("hf-quant cache: another process is quantizing this config; waiting for it (%s)", key[:12])
-        print(f"hf-quant cache: waiting for another process quantizing the same config ({key[:12]})",
-              file=sys.stderr)
-        lock.acquire()
-    try:
+        lock = store.lock(key)
         try:
-            man, tensors = store.read(key)
-            _apply(model, man, tensors)
-            rep = _report_from_manifest(man, tensors)
-            _set_cache_info(rep, {"hit": True, "key": key, "dir": str(store.entry_dir(key))})
-            return rep, True
-        except FileNotFoundError:
-            pass
-        except CacheCorrupt as e:
-            msg = f"hf-quant cache: entry {store.entry_dir(key)} is corrupt ({e}); discarding it and re-quantizing"
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            logger.warning(msg)
-            store.discard(key)
+            lock.acquire(timeout=0)
+        except Timeout:
+            logger.warning("hf-quant cache: another process is quantizing this config; waiting for it (%s)", key[:12])
+            print(f"hf-quant cache: waiting for another process quantizing the same config ({key[:12]})",
+                  file=sys.stderr)
+            lock.acquire()
+    except OSError as e:  # read-only or full cache folder: no lock, no store; a hit is still used
+        _warn(f"hf-quant cache: cannot use {store.root} ({_one_line(e)}); continuing without storing in the cache")
+        hit = _try_hit(store, key, model, discard=False)
+        if hit is not None:
+            return hit, True
         rep = quantize_fn()
-        extra_json, q = _split_extra(getattr(rep, "extra", {}) or {})
-        sd = dict(model.named_parameters(remove_duplicate=False))
-        sd.update(dict(model.named_buffers(remove_duplicate=False)))
-        tensors = {}
-        for name in rep.modified:
-            tensors[name] = sd[name].detach().to("cpu").contiguous()
-        tensors.update(q["tensors"])
-        info = {"modified": list(rep.modified), "quantized": list(getattr(rep, "quantized", [])),
-                "seconds": float(getattr(rep, "seconds", 0.0)), "extra": extra_json,
-                "qstate_meta": q["meta"]}
+        _set_cache_info(rep, {"hit": False, "key": key, "stored": False})
+        return rep, False
+    try:
+        hit = _try_hit(store, key, model, discard=True)
+        if hit is not None:
+            return hit, True
+        rep = quantize_fn()
         try:
+            extra_json, q = _split_extra(getattr(rep, "extra", {}) or {})
+            sd = dict(model.named_parameters(remove_duplicate=False))
+            sd.update(dict(model.named_buffers(remove_duplicate=False)))
+            tensors = {}
+            for name in rep.modified:
+                tensors[name] = sd[name].detach().to("cpu").contiguous()
+            tensors.update(q["tensors"])
+            info = {"modified": list(rep.modified), "quantized": list(getattr(rep, "quantized", [])),
+                    "seconds": float(getattr(rep, "seconds", 0.0)), "extra": extra_json,
+                    "qstate_meta": q["meta"]}
             d = store.write(key, fields, _dedupe(tensors), info)
             _set_cache_info(rep, {"hit": False, "key": key, "dir": str(d), "stored": True})
-        except OSError as e:
-            msg = f"hf-quant cache: could not store the quantized weights in {store.root} ({e}); continuing without cache"
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        except Exception as e:  # noqa: BLE001  (no space, read-only, safetensors' own errors: keep going)
+            _warn(f"hf-quant cache: could not store the quantized weights in {store.root} ({_one_line(e)}); "
+                  f"continuing without cache")
             _set_cache_info(rep, {"hit": False, "key": key, "stored": False})
         return rep, False
     finally:
         lock.release()
+
+
+def _try_hit(store: "QuantCache", key: str, model, discard: bool):
+    """The report of a verified entry applied to `model`, or None (absent, or corrupt: one
+    warning, discarded when `discard`). Any error while reading or applying means corrupt."""
+    try:
+        man, tensors = store.read(key)
+        _apply(model, man, tensors)
+        rep = _report_from_manifest(man, tensors)
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001  (CacheCorrupt, or anything a damaged entry provokes)
+        why = str(e) if isinstance(e, CacheCorrupt) else _one_line(e)
+        what = "discarding it and re-quantizing" if discard else "re-quantizing"
+        _warn(f"hf-quant cache: entry {store.entry_dir(key)} is corrupt ({why}); {what}")
+        if discard:
+            try:
+                store.discard(key)
+            except OSError as e2:
+                logger.warning("hf-quant cache: could not remove %s (%s)", store.entry_dir(key), e2)
+        return None
+    _set_cache_info(rep, {"hit": True, "key": key, "dir": str(store.entry_dir(key))})
+    return rep
 
 
 def _dedupe(tensors: dict) -> dict:

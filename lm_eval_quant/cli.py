@@ -134,6 +134,9 @@ def run_lm_eval(argv: list[str]) -> int:
     import lm_eval_quant
 
     lm_eval_quant.register()
+    from lm_eval_quant.models.hf_quant import precheck_command_line
+
+    precheck_command_line(list(argv))  # bad hf-quant arguments: one line before the task index
     add_task_dir(lm_eval_quant.task_dir())
     from lm_eval.__main__ import cli_evaluate
 

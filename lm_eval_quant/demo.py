@@ -255,6 +255,8 @@ def available_methods(wanted: list[str]) -> tuple[list[str], list[str]]:
 def demo_spec(models: list[dict], methods: list[str], bits: list[int], task_dir: Path,
               calib: Path, nsamples: int = 16, seqlen: int = 128, limit=None) -> dict:
     """The sweep spec (a dict; saved as demo_sweep.yaml)."""
+    from lm_eval_quant.methods import get_method
+
     qbits = [b for b in bits if b < 16]
     entries = []
     if 16 in bits or "none" in methods:
@@ -265,9 +267,10 @@ def demo_spec(models: list[dict], methods: list[str], bits: list[int], task_dir:
             continue
         # calibrated methods where they matter (4, 3 and 2 bits); RTN across all precisions
         e = {"name": m, "bits": qbits if m == "rtn" else [b for b in qbits if 2 <= b <= 4]}
-        if m in ("gptq", "awq"):
+        meth = get_method(m)
+        if meth.needs_calibration:
             e["options"] = dict(calib_opts)
-        if m == "bnb":
+        if meth.quantizes_at_load:  # bitsandbytes: its own precisions, not this bits axis
             continue
         if e["bits"]:
             entries.append(e)

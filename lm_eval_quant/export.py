@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -56,7 +57,13 @@ from typing import Any
 from .errors import QuantArgError
 
 EXPORT_BITS = (2, 3, 4, 8)
-EXPORT_METHODS = ("rtn", "gptq", "awq")
+# group sizes GPTQ loaders read back (GPTQModel's kernels: -1 and powers of two from 32; a
+# checkpoint written at group_size 4 or 16 fails to load there, so it is refused here)
+EXPORT_GROUP_SIZES = (-1, 32, 64, 128, 256, 512, 1024)
+# model_args keys the export command takes besides the quantization ones
+EXPORT_KEYS = ("pretrained", "revision", "dtype", "torch_dtype", "trust_remote_code", "batch_size",
+               "max_length", "device", "parallelize")
+_TMP_RE = r"\.tmp-(\d+)$"
 _PREFIX = "export"  # error messages: "lm-eval-quant: error: export: ..."
 _PROG = "lm-eval-quant export"
 
@@ -66,10 +73,13 @@ _PROG = "lm-eval-quant export"
 # ---------------------------------------------------------------------------------------------
 def check_exportable(cfg) -> None:
     """Raise QuantArgError (one line) unless `cfg` can be written as a GPTQ checkpoint."""
-    if cfg.method not in EXPORT_METHODS:
+    from .methods import available_methods, get_method
+
+    if cfg.method == "none" or not get_method(cfg.method).exportable:
         what = "nothing is quantized" if cfg.method == "none" else f"method={cfg.method} is not exportable"
+        ok = [m for m in available_methods() if m != "none" and getattr(get_method(m), "exportable", False)]
         raise QuantArgError(
-            f"{_PREFIX}: {what}; GPTQ-format export needs method=rtn, gptq or awq with format=int"
+            f"{_PREFIX}: {what}; GPTQ-format export needs method={' or '.join(ok)} with format=int"
         )
     if str(cfg.format) != "int":
         raise QuantArgError(
@@ -80,6 +90,20 @@ def check_exportable(cfg) -> None:
         raise QuantArgError(
             f"{_PREFIX}: bits={cfg.bits} has no GPTQ checkpoint layout; use bits=2, 3, 4 or 8"
         )
+    if cfg.group_size not in EXPORT_GROUP_SIZES:
+        raise QuantArgError(
+            f"{_PREFIX}: group_size={cfg.group_size} writes a GPTQ checkpoint that GPTQ loaders refuse to "
+            f"read; use group_size {', '.join(str(g) for g in EXPORT_GROUP_SIZES)}"
+        )
+
+
+def check_export_shapes(model, cfg) -> None:
+    """Every linear that will be quantized fits the GPTQ layout; works on a meta (weightless) model."""
+    from .methods.base import quantizable_linears, weight_matrix
+
+    for name, mod in quantizable_linears(model, cfg.skip):
+        out_f, in_f = weight_matrix(mod).shape
+        _check_shapes(name, out_f, in_f, int(cfg.bits), int(cfg.group_size))
 
 
 def _check_shapes(name: str, out_f: int, in_f: int, bits: int, group: int) -> None:
@@ -410,11 +434,32 @@ def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict |
         modules_in_block = [want]
 
     out = Path(path)
-    _check_output(out)
+    check_output(out)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+        return _write_checkpoint(model, cfg, out, tmp, lins, qstate, bits, group, checkpoint_format,
+                                 modules_in_block, block, tokenizer, source, progress)
+    except OSError as e:  # no space, read-only, ...: nothing half-written is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise QuantArgError(f"{_PREFIX}: writing {out} failed ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:160]}); nothing was written") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_checkpoint(model, cfg, out: Path, tmp: Path, lins, qstate, bits, group, checkpoint_format,
+                      modules_in_block, block, tokenizer, source, progress) -> Path:
+    """Pack and write into `tmp`, then publish it as `out` with one rename."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from . import __version__
+
 
     dtype = next(model.parameters()).dtype
     packed: dict[str, Any] = {}
@@ -493,8 +538,8 @@ def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict |
     if gen is not None:
         try:
             gen.save_pretrained(tmp)
-        except Exception:
-            pass
+        except (ValueError, TypeError) as e:  # an invalid generation config: the checkpoint loads without it
+            print(f"{_PROG}: warning: generation_config.json not written ({e})", file=sys.stderr)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if out.exists():
@@ -503,21 +548,65 @@ def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict |
     return out
 
 
-def _check_output(out: Path) -> None:
-    """Only an empty/new folder, or one we exported before, may be (over)written."""
+def check_output(out) -> None:
+    """Before any model work: the target must be a new or empty folder, or one we exported
+    before, in a place we can write. Stale ``OUT.tmp-<pid>`` folders of runs that died are
+    removed."""
+    out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise QuantArgError(f"{_PREFIX}: output {out} is a file; give a folder")
+    if re.search(_TMP_RE, out.name):
+        raise QuantArgError(f"{_PREFIX}: output {out} looks like an unfinished export's temp folder; choose another name")
     if out.exists() and any(out.iterdir()):
         try:
             q = json.loads((out / "config.json").read_text()).get("quantization_config") or {}
             ours = any(str(x).startswith("lm_eval_quant:") for x in (q.get("meta") or {}).get("quantizer", []))
-        except Exception:
+        except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
             raise QuantArgError(
                 f"{_PREFIX}: output folder {out} is not empty and is not an earlier lm-eval-quant export; "
                 f"choose a new folder"
             )
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QuantArgError(f"{_PREFIX}: cannot create {out}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QuantArgError(f"{_PREFIX}: cannot write {out}: {parent} is not writable")
+    clean_stale_tmp(out)
+
+
+def clean_stale_tmp(out: Path) -> list[Path]:
+    """Remove ``OUT.tmp-<pid>`` folders left by exports that were killed or ran out of space
+    (their process is gone). Returns what was removed."""
+    removed = []
+    parent = Path(out).parent
+    if not parent.is_dir():
+        return removed
+    for p in parent.glob(f"{Path(out).name}.tmp-*"):
+        m = re.search(_TMP_RE, p.name)
+        if not m or not p.is_dir():
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    if removed:
+        print(f"{_PROG}: removed {len(removed)} unfinished export folder(s) next to {out}", file=sys.stderr)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _is_lin(m) -> bool:
@@ -526,30 +615,9 @@ def _is_lin(m) -> bool:
     return is_quantizable(m)
 
 
-def _tied_keys(model) -> set[str]:
-    keys: set[str] = set()
-    for attr in ("all_tied_weights_keys", "_tied_weights_keys"):
-        v = getattr(model, attr, None)
-        if isinstance(v, dict):
-            keys |= set(v)
-        elif isinstance(v, (list, tuple, set)):
-            keys |= set(v)
-    return keys
-
-
 # ---------------------------------------------------------------------------------------------
 # CLI: lm-eval-quant export
 # ---------------------------------------------------------------------------------------------
-def _parse_model_args(s: str) -> dict:
-    out: dict[str, str] = {}
-    for part in [p for p in s.split(",") if p.strip()]:
-        if "=" not in part:
-            raise QuantArgError(f"{_PREFIX}: --model_args entry {part!r} is not key=value")
-        k, v = part.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     """`lm-eval-quant export --model_args pretrained=…,method=…,bits=… --output DIR`."""
     ap = argparse.ArgumentParser(prog=_PROG, description="Quantize a model and write a GPTQ-format checkpoint.")
@@ -561,24 +629,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cache", action="store_true", help="do not use the quantized-weights cache")
     ns = ap.parse_args(argv)
     try:
-        args = _parse_model_args(ns.model_args)
-        if "pretrained" not in args:
-            raise QuantArgError(f"{_PREFIX}: --model_args needs pretrained=<model id or folder>")
-        args.pop("save_quantized", None)
-        quant_keys = {k: args.pop(k) for k in list(args) if k in ("method", "bits", "group_size", "format", "sym", "skip")}
-        if "method" not in quant_keys:
-            raise QuantArgError(f"{_PREFIX}: --model_args needs method=rtn, gptq or awq")
-        from .methods import build_config, get_method
+        from .args import resolve, split_model_args
 
-        method = get_method(quant_keys["method"])
-        opts = {k: args.pop(k) for k in list(args) if k in method.OPTIONS}
-        if "keep_qstate" in method.OPTIONS:
-            opts.setdefault("keep_qstate", "true")  # exact integer state (act_order needs it)
-        cfg = build_config(**quant_keys, **opts)
+        raw = split_model_args(ns.model_args, where=_PREFIX)
+        if not str(raw.get("pretrained") or "").strip():
+            raise QuantArgError(f"{_PREFIX}: --model_args needs pretrained=<model id or folder>")
+        if "method" not in raw:
+            raise QuantArgError(f"{_PREFIX}: --model_args needs method=rtn, gptq or awq")
+        raw.pop("save_quantized", None)
+        r = resolve(raw, where=_PREFIX, known_rest=EXPORT_KEYS, for_export=True)
+        cfg, method, args = r.cfg, r.method, dict(r.rest)
         check_exportable(cfg)
         out = Path(ns.output)
-        _check_output(out)
-        model, tok, report = _quantize(args, cfg, method, ns)
+        check_output(out)
+        from .models.hf_quant import check_paths_and_dtype, _meta_model
+
+        check_paths_and_dtype(args["pretrained"], args)
+        _conf, meta = _meta_model(args["pretrained"], args)
+        if meta is not None:  # the GPTQ layout fits every layer: said before the weights load
+            check_export_shapes(meta, cfg)
+            method.check_shapes(meta, cfg, ns.device or "cpu")
+        model, tok, report = _quantize(args, cfg, method, ns, r.wrapper)
         save_quantized(model, cfg, out, report=report, tokenizer=tok, checkpoint_format=ns.checkpoint_format,
                        source=args.get("pretrained"))
     except QuantArgError as e:
@@ -588,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _quantize(args: dict, cfg, method, ns):
+def _quantize(args: dict, cfg, method, ns, wrapper):
     """Load the model (transformers), quantize it (through the cache), return (model, tok, report)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -598,14 +669,14 @@ def _quantize(args: dict, cfg, method, ns):
 
     pretrained = args.pop("pretrained")
     revision = args.pop("revision", None)
+    from .args import parse_bool
+
     dtype_s = args.pop("dtype", args.pop("torch_dtype", "auto"))
-    cache_on = str(args.pop("cache", "true")).lower() not in ("0", "false", "no", "off") and not ns.no_cache
-    cache_dir = args.pop("cache_dir", None)
-    trust = str(args.pop("trust_remote_code", "false")).lower() in ("1", "true", "yes")
+    cache_on = wrapper.cache and not ns.no_cache
+    cache_dir = wrapper.cache_dir
+    trust = parse_bool("trust_remote_code", args.pop("trust_remote_code", False))
     for k in ("batch_size", "max_length", "device", "parallelize"):
         args.pop(k, None)
-    if args:
-        raise QuantArgError(f"{_PREFIX}: unknown --model_args entries: {', '.join(sorted(args))}")
     dtype = dtype_s if dtype_s == "auto" else getattr(torch, str(dtype_s).replace("torch.", ""), None)
     if dtype is None:
         raise QuantArgError(f"{_PREFIX}: unknown dtype {dtype_s!r}")
@@ -616,7 +687,7 @@ def _quantize(args: dict, cfg, method, ns):
     device = ns.device or "cpu"
     model.to(device)
     ctx = QuantContext(tokenizer=tok, device=device, seed=0, progress=True, model_id=pretrained)
-    ident = qcache.model_identity(pretrained, revision, model)
+    ident = qcache.model_identity(pretrained, revision, model, cache_dir=cache_dir)
     report, _hit = qcache.load_or_quantize(
         model, cfg, ident, lambda: method.quantize(model, cfg, ctx),
         cache_dir=cache_dir, enabled=cache_on, calib=qcache.calibration_identity(cfg, tok))

@@ -75,7 +75,11 @@ def test_hit_is_bit_identical_and_skips_quantize(model_dir, tmp_path):
     man = json.loads((entries[0] / "manifest.json").read_text())
     assert set(man["tensors"]) == set(rep1.modified) and len(rep1.modified) == 14
     assert man["fields"]["quant_config"] == cfg.to_dict() and man["fields"]["dtype"] == "float32"
-    assert man["sha256"] == hashlib.sha256((entries[0] / "tensors.safetensors").read_bytes()).hexdigest()
+    import xxhash
+
+    data = (entries[0] / "tensors.safetensors").read_bytes()
+    assert man["checksum"] == f"xxh3_128:{len(data)}:{xxhash.xxh3_128(data).hexdigest()}"
+    assert man["manifest_checksum"] == qc.manifest_checksum(man)
 
     m2, rep2, hit2, calls2 = _run(model_dir, tmp_path, cfg)
     assert (hit2, calls2) == (True, 0)
@@ -134,8 +138,8 @@ def test_model_weights_change_changes_identity(model_dir, tmp_path, monkeypatch)
     d = tmp_path / "m"
     shutil.copytree(model_dir, d)
     calls = []
-    real = qc._sha256_file
-    monkeypatch.setattr(qc, "_sha256_file", lambda p, *a: calls.append(Path(p).name) or real(p, *a))
+    real = qc._xxh_file
+    monkeypatch.setattr(qc, "_xxh_file", lambda p, *a: calls.append(Path(p).name) or real(p, *a))
     i1 = qc.model_identity(str(d), cache_dir=tmp_path)
     assert "model.safetensors" in calls and (tmp_path / "file_hashes.json").exists()
     calls.clear()
@@ -187,6 +191,19 @@ def test_fast_checksum_detects_flips_and_swaps(tmp_path):
     assert qc.fast_checksum(p) != c0
 
 
+def test_fast_checksum_detects_block_swap_inside_a_chunk(tmp_path):
+    """The fault the old position-weighted sums missed: two 4 KiB blocks swapped inside one
+    512 KiB chunk (same words, same chunk sums). A real hash sees it."""
+    p = tmp_path / "f.bin"
+    data = bytearray(os.urandom(1 << 20))
+    p.write_bytes(bytes(data))
+    c0 = qc.fast_checksum(p)
+    d = bytearray(data)
+    d[4096:8192], d[65536:69632] = data[65536:69632], data[4096:8192]
+    p.write_bytes(bytes(d))
+    assert qc.fast_checksum(p) != c0
+
+
 def _entry(tmp_path):
     (e,) = list((tmp_path / "entries").iterdir())
     return e
@@ -224,17 +241,103 @@ def test_corrupt_entry_is_reported_and_recomputed(model_dir, tmp_path, damage):
     assert all(torch.equal(good[k], v) for k, v in _modified(m3, rep3).items())
 
 
-def test_sha256_verification_mode(model_dir, tmp_path, monkeypatch):
+def test_manifest_edit_is_corrupt(model_dir, tmp_path):
+    """A manifest that is still valid JSON but was changed (here: a wrong layer name) fails its
+    own checksum: one warning, discarded, recomputed -- not a KeyError on every run."""
     cfg = build_config(method="rtn", bits=4, group_size=32)
     _run(model_dir, tmp_path, cfg)
     e = _entry(tmp_path)
     man = json.loads((e / "manifest.json").read_text())
-    man["sha256"] = "0" * 64
+    man["report"]["modified"][0] = "model.layers.0.mlp.nope.weight"
     (e / "manifest.json").write_text(json.dumps(man))
-    assert _run(model_dir, tmp_path, cfg)[2] is True              # fast checksum still fine
-    monkeypatch.setenv("LMQ_CACHE_VERIFY", "sha256")
-    with pytest.warns(RuntimeWarning, match="sha256 mismatch"):
+    with pytest.warns(RuntimeWarning, match="manifest checksum mismatch"):
         assert _run(model_dir, tmp_path, cfg)[2] is False
+    assert _run(model_dir, tmp_path, cfg)[2] is True
+
+
+def test_wrong_layer_with_valid_checksum_is_corrupt(model_dir, tmp_path):
+    """Even a consistent entry that names a layer the model lacks is discarded, and the model is
+    left untouched by the failed apply (the recomputed weights equal a fresh quantization)."""
+    cfg = build_config(method="rtn", bits=4, group_size=32)
+    m1, rep1, _, _ = _run(model_dir, tmp_path, cfg)
+    good = _modified(m1, rep1)
+    e = _entry(tmp_path)
+    man = json.loads((e / "manifest.json").read_text())
+    man["report"]["modified"].append("model.layers.9.mlp.up_proj.weight")
+    man["manifest_checksum"] = qc.manifest_checksum(man)
+    (e / "manifest.json").write_text(json.dumps(man))
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        m2, rep2, hit, calls = _run(model_dir, tmp_path, cfg)
+    assert (hit, calls) == (False, 1)
+    assert all(torch.equal(good[k], v) for k, v in _modified(m2, rep2).items())
+    assert _run(model_dir, tmp_path, cfg)[2] is True
+
+
+def test_identity_covers_subfolder_peft_delta_gguf(tmp_path, model_dir):
+    import shutil
+
+    root = tmp_path / "repo"
+    for sub in ("a", "b"):
+        shutil.copytree(model_dir, root / sub)
+    b = bytearray((root / "b" / "model.safetensors").read_bytes())
+    b[-10] ^= 0x01
+    (root / "b" / "model.safetensors").write_bytes(bytes(b))
+    (root / "config.json").write_text("{}")
+    ia = qc.model_identity(str(root), subfolder="a", cache_dir=tmp_path)
+    ib = qc.model_identity(str(root), subfolder="b", cache_dir=tmp_path)
+    assert ia != ib
+    base = qc.model_identity(str(model_dir), cache_dir=tmp_path)
+    assert qc.model_identity(str(model_dir), peft=str(root / "a"), cache_dir=tmp_path) != base
+    assert qc.model_identity(str(model_dir), delta=str(root / "a"), cache_dir=tmp_path) != base
+    assert qc.model_identity(str(model_dir), gguf_file="m.gguf", cache_dir=tmp_path) != base
+    assert qc.model_identity(str(model_dir), cache_dir=tmp_path) == base
+
+
+def test_inplace_rewrite_with_same_size_mtime_inode_misses(tmp_path, model_dir):
+    """The memo is keyed by ctime too: restoring size, mtime and inode after a rewrite in place
+    does not bring back the old hash."""
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    p = d / "model.safetensors"
+    i1 = qc.model_identity(str(d), cache_dir=tmp_path)
+    st = p.stat()
+    b = bytearray(p.read_bytes())
+    b[-10] ^= 0x01
+    time.sleep(0.02)
+    with open(p, "r+b") as f:           # same inode, same size
+        f.write(bytes(b))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))   # same mtime
+    assert p.stat().st_ino == st.st_ino and p.stat().st_mtime_ns == st.st_mtime_ns
+    assert qc.model_identity(str(d), cache_dir=tmp_path) != i1
+
+
+def test_unwritable_cache_dir_warns_and_continues(model_dir, tmp_path):
+    """A cache folder that cannot be created or written (here below a plain file, which fails
+    for root too; a read-only mount fails the same way): one warning, evaluation goes on."""
+    (tmp_path / "afile").write_text("x")
+    bad = tmp_path / "afile" / "cache"
+    cfg = build_config(method="rtn", bits=4, group_size=32)
+    with pytest.warns(RuntimeWarning, match="cannot use"):
+        _, rep, hit, calls = _run(model_dir, bad, cfg)
+    assert (hit, calls) == (False, 1) and rep.extra["cache"]["stored"] is False
+
+
+def test_store_failure_warns_and_continues(model_dir, tmp_path, monkeypatch):
+    """A full disk shows up as an OSError or safetensors' own error while writing: one warning,
+    the quantized model is still returned."""
+    from safetensors import SafetensorError
+
+    def boom(*a, **k):
+        raise SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    cfg = build_config(method="rtn", bits=4, group_size=32)
+    with pytest.warns(RuntimeWarning, match="could not store"):
+        _, rep, hit, calls = _run(model_dir, tmp_path, cfg)
+    assert (hit, calls) == (False, 1) and rep.extra["cache"]["stored"] is False
+    assert not (tmp_path / "entries").exists() or not any((tmp_path / "entries").iterdir())
 
 
 def test_qstate_is_cached(model_dir, tmp_path):

@@ -7,22 +7,9 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 from ..errors import QuantArgError
-from .base import (
-    MAX_BITS,
-    MIN_BITS,
-    Method,
-    QuantConfig,
-    QuantContext,
-    QuantReport,
-    parse_bool,
-    parse_int,
-    parse_option,
-    parse_skip,
-    quantizable_linears,
-)
+from .base import Method, QuantConfig, QuantContext, QuantReport, quantizable_linears
 
 # name -> "module:Class"; imported lazily so a method's optional dependencies cost nothing
 # until it is used.
@@ -70,70 +57,8 @@ def all_option_names() -> dict[str, str]:
     return owners
 
 
-CORE_KEYS = ("method", "bits", "group_size", "format", "sym", "skip")
-
-
-def build_config(
-    method: Any = None,
-    bits: Any = None,
-    group_size: Any = None,
-    format: Any = None,
-    sym: Any = None,
-    skip: Any = None,
-    **options: Any,
-) -> QuantConfig:
-    """Parse and validate user arguments (strings from model_args, or typed values) into a
-    QuantConfig. Every problem is a QuantArgError with one line, raised before any model work.
-
-    Defaults: method rtn, bits 4, group_size 128, format int (the method's default), asymmetric.
-    `method=none` or `bits=16` is the full-precision baseline through the same code path.
-    """
-    mname = "rtn" if method is None else str(method).strip().lower()
-    m = get_method(mname)
-    if bits is None:
-        nbits = 16 if mname == "none" else 4
-    else:
-        nbits = parse_int("bits", bits)
-    if mname == "none" and nbits != 16:
-        raise QuantArgError(
-            f"hf-quant: method=none keeps full precision, so bits={nbits} makes no sense; "
-            f"choose a method (rtn, gptq, awq, bnb) or drop bits"
-        )
-    if nbits != 16 and not MIN_BITS <= nbits <= MAX_BITS:
-        raise QuantArgError(
-            f"hf-quant: bits must be an integer from {MIN_BITS} to {MAX_BITS} (or 16 for full "
-            f"precision), got bits={bits}"
-        )
-    gs = 128 if group_size is None else parse_int("group_size", group_size)
-    if gs != -1 and gs <= 0:
-        raise QuantArgError(
-            f"hf-quant: group_size must be -1 (per output channel) or a positive integer, got {group_size}"
-        )
-    fmt = m.default_format if format is None else str(format).strip().lower()
-    sy = False if sym is None else parse_bool("sym", sym)
-    sk = parse_skip(skip)
-
-    opts: dict[str, Any] = {}
-    owners = None
-    for k, v in options.items():
-        if k in m.OPTIONS:
-            opts[k] = parse_option(mname, k, m.OPTIONS[k][0], v)
-        else:
-            owners = owners or all_option_names()
-            if k in owners:
-                raise QuantArgError(
-                    f"hf-quant: {k} is an option of method={owners[k]}, not of method={mname}"
-                )
-            raise QuantArgError(f"hf-quant: unknown argument {k}={v!r} for method={mname}")
-    for k, (_, default) in m.OPTIONS.items():
-        opts.setdefault(k, default)
-
-    if nbits == 16 or mname == "none":
-        return QuantConfig(method="none", bits=16, group_size=gs, format="none", sym=False, skip=sk)
-    cfg = QuantConfig(method=mname, bits=nbits, group_size=gs, format=fmt, sym=sy, skip=sk, options=opts)
-    cfg.format = m.check_format(cfg)
-    m.validate(cfg)
-    return cfg
+# the argument layer owns the vocabulary and the parser; re-exported here for old callers
+from ..args import CORE_KEYS, build_config  # noqa: E402
 
 
 __all__ = [

@@ -655,6 +655,7 @@ def awq_quantize_model(model: nn.Module, input_ids: torch.Tensor, cfg: QuantConf
 
 class AWQ(Method):
     name = "awq"
+    exportable = True  # capability: written as a GPTQ checkpoint by export
     needs_calibration = True
     OPTIONS = {
         "n_grid": (int, 20),

@@ -9,9 +9,8 @@ from `accounting` (default: the format's bits plus its per-block statistics).
 from __future__ import annotations
 
 import fnmatch
-import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,8 +18,7 @@ from torch import nn
 from ..errors import QuantArgError
 from ..formats import canonical_format
 
-MIN_BITS, MAX_BITS = 2, 8
-DEFAULT_SKIP = ("lm_head",)
+from ..args import DEFAULT_SKIP, MAX_BITS, MIN_BITS  # noqa: E402  (the vocabulary: args.py)
 
 
 @dataclass
@@ -75,13 +73,24 @@ class QuantReport:
 
 
 class Method:
-    """Base class. Subclasses set `name`, `OPTIONS` and implement `quantize`."""
+    """Base class. Subclasses set `name`, `OPTIONS` and implement `quantize`.
+
+    Capabilities: callers ask these instead of comparing method names.
+    """
 
     name = "base"
-    needs_calibration = False
     default_format = "int"
-    # option name -> (type, default); types: int, float, bool, str
-    OPTIONS: dict[str, tuple[type, Any]] = {}
+    # option name -> (type, default) or args.Option(type, default, min=, max=, choices=);
+    # types: int, float, bool, str. Cast and range-checked once by the argument layer.
+    OPTIONS: dict[str, Any] = {}
+    # -- capabilities ----------------------------------------------------------------------
+    needs_calibration = False     # reads calibration data (calib, nsamples, seqlen options)
+    quantizes_at_load = False     # quantizes inside from_pretrained (load_kwargs), not after it
+    exportable = False            # its result can be written as a GPTQ-format checkpoint
+    takes_sym = True              # has a symmetric/asymmetric choice (sym=)
+    takes_group_size = True       # honours group_size=
+    real_kernels = False          # runs quantized kernels (not fake quantization) at eval time
+    supported_bits: tuple[int, ...] = tuple(range(MIN_BITS, MAX_BITS + 1))  # quantized widths it takes
 
     def check_format(self, cfg: QuantConfig) -> str:
         """Return the canonical format name or raise QuantArgError."""
@@ -97,6 +106,14 @@ class Method:
         """Extra keyword arguments for `from_pretrained` (e.g. a quantization_config)."""
         return {}
 
+    def check_shapes(self, model: nn.Module, cfg: QuantConfig, device: Any = "cpu") -> None:
+        """Check the layer widths this config needs, on a weightless (meta) copy of the model,
+        before any weights are read; raise QuantArgError naming the first layer that fails.
+        Default: the group size divides every quantized layer's input width."""
+        if cfg.is_baseline or not self.takes_group_size:
+            return
+        check_group_size(quantizable_linears(model, cfg.skip), cfg.group_size)
+
     def quantize(self, model: nn.Module, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
         raise NotImplementedError
 
@@ -106,80 +123,8 @@ class Method:
         return account(model, cfg, report.quantized, extra_bits=report.extra.get("extra_bits"))
 
 
-# --------------------------------------------------------------------------------------------
-# argument parsing: strings from --model_args to a typed, validated QuantConfig
-# --------------------------------------------------------------------------------------------
-_TRUE = {"true", "1", "yes", "on", "y", "t"}
-_FALSE = {"false", "0", "no", "off", "n", "f"}
-
-
-def parse_bool(name: str, v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, (int, float)) and v in (0, 1):
-        return bool(v)
-    s = str(v).strip().lower()
-    if s in _TRUE:
-        return True
-    if s in _FALSE:
-        return False
-    raise QuantArgError(f"hf-quant: {name} must be true or false, got {v!r}")
-
-
-def parse_int(name: str, v: Any) -> int:
-    if isinstance(v, bool):
-        raise QuantArgError(f"hf-quant: {name} must be an integer, got {v!r}")
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float):
-        if v.is_integer():
-            return int(v)
-        raise QuantArgError(f"hf-quant: {name} must be an integer, got {v!r}")
-    s = str(v).strip()
-    try:
-        return int(s)
-    except ValueError:
-        try:
-            f = float(s)
-        except ValueError:
-            raise QuantArgError(f"hf-quant: {name} must be an integer, got {v!r}") from None
-        if f.is_integer():
-            return int(f)
-        raise QuantArgError(f"hf-quant: {name} must be an integer, got {v!r}") from None
-
-
-def parse_float(name: str, v: Any) -> float:
-    if isinstance(v, bool):
-        raise QuantArgError(f"hf-quant: {name} must be a number, got {v!r}")
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise QuantArgError(f"hf-quant: {name} must be a number, got {v!r}") from None
-
-
-def parse_skip(v: Any) -> tuple[str, ...]:
-    """`skip=lm_head|*.mlp.down_proj` (separators | ; or space; model_args use commas).
-    `skip=none` quantizes every linear, the output head included."""
-    if v is None:
-        return DEFAULT_SKIP
-    if isinstance(v, (list, tuple)):
-        items = [str(x) for x in v]
-    else:
-        s = str(v).strip()
-        if s.lower() in ("none", "", "[]"):
-            return ()
-        items = [x for x in s.replace(";", "|").replace(" ", "|").split("|") if x]
-    return tuple(items)
-
-
-def parse_option(method: str, name: str, typ: type, v: Any) -> Any:
-    if typ is bool:
-        return parse_bool(name, v)
-    if typ is int:
-        return parse_int(name, v)
-    if typ is float:
-        return parse_float(name, v)
-    return str(v)
+# argument parsing lives in the argument layer (one vocabulary); re-exported for methods
+from ..args import Option, parse_bool, parse_float, parse_int, parse_option, parse_skip  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,14 +224,3 @@ def check_group_size(linears: list[tuple[str, nn.Module]], group_size: int) -> N
             f"hf-quant: group_size={group_size} must be -1 (per output channel) or a positive integer, e.g. 128"
         )
 
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *a):
-        self.seconds = time.perf_counter() - self.t0
-
-
-ProgressFn = Callable[[int], None]

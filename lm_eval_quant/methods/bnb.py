@@ -38,6 +38,7 @@ import fnmatch
 import logging
 import math
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,10 @@ from torch import nn
 from ..errors import QuantArgError
 from .base import Method, QuantConfig, QuantContext, QuantReport
 
+logger = logging.getLogger("lm_eval_quant.bnb")
+
 BNB_DEFAULT_BLOCKSIZE = 64
+_CPU_BLOCK_N = 32  # bitsandbytes 4-bit CPU kernel: output rows are repacked in blocks of 32
 _FORMATS_4 = {"nf4": "nf4", "nf": "nf4", "fp4": "fp4", "fp": "fp4", "fp:e2m1": "fp4", "auto": "nf4"}
 _FORMATS_8 = {"int8": "int8", "int": "int8", "llm.int8": "int8", "llm_int8": "int8", "auto": "int8"}
 _DTYPES = {
@@ -248,6 +252,12 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 class BNB(Method):
     name = "bnb"
+    # capabilities: quantized by from_pretrained (load_kwargs); blocks of its own, no sym/group_size
+    quantizes_at_load = True
+    takes_sym = False
+    takes_group_size = False
+    real_kernels = True
+    supported_bits = (4, 8)
     needs_calibration = False
     default_format = "auto"
     OPTIONS = {
@@ -360,6 +370,34 @@ class BNB(Method):
         # The output head always stays in full precision with bitsandbytes: transformers re-ties
         # a tied head to the embeddings after loading, leaving a Linear4bit without quant state.
         return _skip_regexes(tuple(cfg.skip) + tuple(h for h in _OUTPUT_HEADS if h not in cfg.skip))
+
+    def check_shapes(self, model, cfg: QuantConfig, device: Any = "cpu") -> None:
+        """bitsandbytes' 4-bit CPU kernel (used when the CPU has AVX512-BF16) repacks each weight
+        in blocks of 32 output rows and pairs of input columns: say so before loading instead of
+        an assertion deep inside bitsandbytes during evaluation."""
+        if cfg.format == "int8" or str(torch.device(device).type) != "cpu":
+            return
+        try:
+            from bitsandbytes.functional import has_avx512bf16
+
+            if not has_avx512bf16():
+                return
+        except Exception as e:  # noqa: BLE001  (no native library: bitsandbytes will say so itself)
+            logger.debug("bnb CPU kernel check skipped: %s", e)
+            return
+        from .base import matches, quantizable_linears, weight_matrix
+
+        skip = tuple(self._skip_modules(cfg))
+        for name, mod in quantizable_linears(model, tuple(cfg.skip)):
+            if matches(name, skip):
+                continue
+            out_f, in_f = weight_matrix(mod).shape
+            if out_f % _CPU_BLOCK_N or in_f % 2:
+                raise QuantArgError(
+                    f"hf-quant: method=bnb bits=4 on CPU: layer {name} is {out_f}x{in_f} (out x in), but "
+                    f"bitsandbytes' CPU kernel needs out_features divisible by {_CPU_BLOCK_N} and even "
+                    f"in_features; run on a GPU, use bits=8, or add the layer to skip="
+                )
 
     def load_kwargs(self, cfg: QuantConfig) -> dict:
         from transformers import BitsAndBytesConfig

@@ -68,6 +68,12 @@ NAMED_SETS: dict[str, dict[str, Any]] = {
     },
 }
 _FILE_EXTS = (".txt", ".json", ".jsonl")
+# Upper bound on nsamples: GPTQ/AWQ use 128 (papers go to 1024). Beyond this the run would spend
+# hours and many GB on calibration alone (nsamples=1e9 ran 600 s and 4.5 GB before a timeout).
+MAX_NSAMPLES = 65_536
+# Upper bound on the calibration tokens held at once (nsamples × seqlen): 2^27 token ids are 1 GiB
+# as int64 before any activations.
+MAX_CALIB_TOKENS = 1 << 27
 # above this many documents, do not tokenize the whole corpus up front (GPTQ-style lazy draw instead)
 _EAGER_DOCS = 50_000
 
@@ -109,6 +115,16 @@ def validate_calib_args(calib: Any, nsamples: Any, seqlen: Any, seed: Any = 0) -
         raise QuantArgError(f"hf-quant: seqlen={seqlen!r} is not an integer; use e.g. seqlen=2048") from None
     if seqlen_i <= 0:
         raise QuantArgError(f"hf-quant: seqlen={seqlen} must be a positive integer, e.g. seqlen=2048")
+    if nsamples_i > MAX_NSAMPLES:
+        raise QuantArgError(
+            f"hf-quant: nsamples={nsamples_i} is far beyond what calibration needs (GPTQ/AWQ use 128); "
+            f"use at most {MAX_NSAMPLES}"
+        )
+    if nsamples_i * seqlen_i > MAX_CALIB_TOKENS:
+        raise QuantArgError(
+            f"hf-quant: nsamples×seqlen = {nsamples_i}×{seqlen_i} = {nsamples_i * seqlen_i:,} calibration tokens "
+            f"(≥ {nsamples_i * seqlen_i * 8 / 2**30:.1f} GiB of token ids alone); keep it under {MAX_CALIB_TOKENS:,}"
+        )
     try:
         int(seed)
     except (TypeError, ValueError):
@@ -124,6 +140,36 @@ def validate_calib_args(calib: Any, nsamples: Any, seqlen: Any, seed: Any = 0) -
         raise QuantArgError(f"hf-quant: calib file {calib} must end in .txt, .json or .jsonl (json/jsonl: a \"text\" field)")
     if not p.is_file():
         raise QuantArgError(f"hf-quant: calib file {calib} does not exist; give an existing .txt/.json/.jsonl path or one of {', '.join(NAMED_SETS)}")
+    check_utf8_text(p)
+
+
+def check_utf8_text(p: Path) -> None:
+    """One line unless `p` is UTF-8 text (no NUL bytes): a binary file would otherwise calibrate
+    on garbage (.txt) or end in a UnicodeDecodeError traceback (.json/.jsonl). Streams the file."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    pos = 0
+    try:
+        with open(p, "rb") as f:
+            while True:
+                b = f.read(1 << 20)
+                if not b:
+                    dec.decode(b"", final=True)
+                    break
+                if b"\x00" in b:
+                    raise QuantArgError(
+                        f"hf-quant: calib file {p} is not UTF-8 text (a NUL byte at offset {pos + b.index(bytes(1))}); "
+                        f"give a text file"
+                    )
+                dec.decode(b)
+                pos += len(b)
+    except UnicodeDecodeError as e:
+        raise QuantArgError(
+            f"hf-quant: calib file {p} is not UTF-8 text (invalid byte near offset {pos + e.start}); give a text file"
+        ) from None
+    except OSError as e:
+        raise QuantArgError(f"hf-quant: calib file {p} cannot be read ({e.strerror or e})") from None
 
 
 def model_max_seqlen(model_or_config: Any) -> int | None:
@@ -149,7 +195,7 @@ def _read_file(p: Path) -> list[str]:
     suf = p.suffix.lower()
     try:
         if suf in (".txt", ".raw"):
-            return [p.read_text(encoding="utf-8", errors="replace")]
+            return [p.read_text(encoding="utf-8")]
         if suf == ".jsonl":
             docs = []
             with open(p, encoding="utf-8") as f:
@@ -171,6 +217,8 @@ def _read_file(p: Path) -> list[str]:
             raise QuantArgError(f"hf-quant: calib file {p}: expected a list of texts or of objects with a \"text\" field")
     except json.JSONDecodeError as e:
         raise QuantArgError(f"hf-quant: calib file {p} is not valid {suf[1:]}: {e.msg} at line {e.lineno}") from None
+    except UnicodeDecodeError as e:
+        raise QuantArgError(f"hf-quant: calib file {p} is not UTF-8 text (invalid byte near offset {e.start})") from None
     raise QuantArgError(f"hf-quant: calib file {p} must end in .txt, .json or .jsonl")
 
 
@@ -279,6 +327,13 @@ def get_calibration(tokenizer, calib: str = "c4", nsamples: int = 128, seqlen: i
     requested = seqlen
     if max_seqlen is not None and seqlen > int(max_seqlen):
         seqlen = int(max_seqlen)
+        import sys
+        import warnings
+
+        msg = (f"hf-quant: warning: seqlen={requested} is above the model's maximum of {seqlen} positions; "
+               f"calibrating with seqlen={seqlen}")
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        print(msg, file=sys.stderr)
     calib = str(calib)
     if _is_named(calib):
         name = calib.lower()

@@ -311,6 +311,7 @@ class _BatchGather:
 
 class GPTQ(Method):
     name = "gptq"
+    exportable = True  # capability: written as a GPTQ checkpoint by export
     needs_calibration = True
     OPTIONS = {
         "damp": (float, 0.01),

@@ -7,6 +7,8 @@ from .base import Method, QuantConfig, QuantContext, QuantReport
 
 class NoQuant(Method):
     name = "none"
+    takes_sym = False
+    supported_bits = ()
     default_format = "none"
 
     def check_format(self, cfg: QuantConfig) -> str:

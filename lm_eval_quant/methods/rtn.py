@@ -28,6 +28,7 @@ from .base import (
 
 class RTN(Method):
     name = "rtn"
+    exportable = True  # capability: written as a GPTQ checkpoint by export
 
     @torch.no_grad()
     def quantize(self, model, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:

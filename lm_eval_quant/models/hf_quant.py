@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -26,58 +27,21 @@ from lm_eval.models.huggingface import HFLM
 
 from .. import __version__, prequant
 from ..errors import QuantArgError
-from ..methods import CORE_KEYS, QuantContext, QuantReport, build_config, get_method
+from ..args import CORE_KEYS, WRAPPER_KEYS, argv_model_args, resolve, split_model_args, unknown_key_error
+from ..methods import QuantContext, QuantReport
 from ..methods.base import check_group_size, quantizable_linears
 
 log = logging.getLogger("lm_eval_quant")
 
-WRAPPER_KEYS = ("cache", "cache_dir", "save_quantized", "execution", "kernel")  # issue 14: execution, kernel
-
-
-def split_model_args(kwargs: dict) -> tuple[dict, dict, dict]:
-    """(core quant args, wrapper args, the rest for HFLM). Method options are pulled from the
-    rest once the method is known."""
-    core = {k: kwargs.pop(k) for k in list(kwargs) if k in CORE_KEYS}
-    wrap = {k: kwargs.pop(k) for k in list(kwargs) if k in WRAPPER_KEYS}
-    return core, wrap, kwargs
-
-
-def _hflm_params() -> set[str]:
-    import inspect
-
-    names = set(inspect.signature(HFLM.__init__).parameters) | set(
-        inspect.signature(HFLM._create_model).parameters
-    )
-    return names - {"self", "kwargs"}
-
-
-def config_from_model_args(kwargs: dict) -> tuple[Any, dict, dict]:
-    """Pop our arguments out of `kwargs` (modified in place) and return (QuantConfig, wrapper
-    args, method). Raises QuantArgError (one line) on any bad argument."""
-    core, wrap, rest = split_model_args(kwargs)
-    # lm-eval's argument parser turns the string "none" into None: a key given as none means none
-    if "method" in core and core["method"] is None:
-        core["method"] = "none"
-    if "skip" in core and core["skip"] is None:
-        core["skip"] = "none"
-    method = get_method(core.get("method", "rtn") or "rtn")
-    opts = {k: rest.pop(k) for k in list(rest) if k in method.OPTIONS}
-    # anything that is neither HFLM's nor ours, but is some other method's option: say so now
-    from ..methods import all_option_names
-
-    owners = all_option_names()
-    hf = _hflm_params()
-    for k in list(rest):
-        if k in owners and k not in hf:
-            opts[k] = rest.pop(k)  # build_config reports "x is an option of method=y"
-    if wrap.get("save_quantized") and "keep_qstate" in method.OPTIONS:
-        opts.setdefault("keep_qstate", "true")  # export writes the exact integer state
-    # issue 14: real execution of act_order GPTQ needs the kept integer state (non-contiguous groups)
-    if (str(wrap.get("execution") or "fake").lower() in ("real", "auto") and "keep_qstate" in method.OPTIONS
-            and str(opts.get("act_order", "false")).strip().lower() in ("true", "1", "yes", "on", "y", "t")):
-        opts.setdefault("keep_qstate", "true")
-    cfg = build_config(**core, **opts)
-    return cfg, wrap, get_method(cfg.method)
+# keyword arguments from_pretrained takes besides HFLM's own (HFLM passes unknown keys through);
+# a key that is none of these, not ours and not a model-config attribute is a typo: one line.
+FROM_PRETRAINED_KEYS = (
+    "attn_implementation", "device_map", "low_cpu_mem_usage", "max_memory", "offload_state_dict",
+    "use_safetensors", "variant", "token", "local_files_only", "torch_dtype", "key_mapping",
+    "load_in_4bit", "load_in_8bit", "bnb_4bit_compute_dtype", "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant", "output_loading_info", "force_download", "proxies", "experts_implementation",
+)
+_DTYPE_WORDS = ("auto", "float32", "float16", "bfloat16", "float64", "half", "float", "double")
 
 
 def _probe_device(device) -> str:
@@ -86,27 +50,189 @@ def _probe_device(device) -> str:
     return d if d.startswith("cuda") and torch.cuda.is_available() else "cpu"
 
 
-def _precheck_shapes(pretrained: str, cfg, trust_remote_code: bool, revision: str | None, plan=None) -> None:
-    """Check group_size against the real linear widths on a weightless (meta) copy of the
-    model, before any weights are read. Silently skipped if the architecture can't be built.
-    With an execution plan (issue 14) the packed-layout limits are checked instead."""
-    if plan is None and (cfg.is_baseline or cfg.group_size == -1 or cfg.method == "bnb"):
-        return
+def _hflm_params() -> set[str]:
+    import inspect
+
+    names = set(inspect.signature(HFLM.__init__).parameters) | set(
+        inspect.signature(HFLM._create_model).parameters
+    )
+    return names - {"self", "kwargs", "args"}
+
+
+def known_keys() -> set[str]:
+    """Every non-quantization key hf-quant accepts without looking at the model's config."""
+    return _hflm_params() | set(FROM_PRETRAINED_KEYS)
+
+
+def config_from_model_args(kwargs: dict) -> tuple[Any, dict, Any]:
+    """Pop our arguments out of `kwargs` (modified in place) and return (QuantConfig, wrapper
+    args as a dict, method). Raises QuantArgError (one line) on any bad argument. Keys that are
+    not ours are left in `kwargs` for HFLM (checked against it by :func:`check_rest_keys`)."""
+    r = resolve(kwargs, where="hf-quant", known_rest=None, passthrough=known_keys())
+    for k in list(kwargs):
+        if k not in r.rest:
+            kwargs.pop(k)
+    wrap = {k: getattr(r.wrapper, k) for k in WRAPPER_KEYS if getattr(r.wrapper, k) is not None}
+    return r.cfg, wrap, r.method
+
+
+def check_rest_keys(rest: dict, model_config: Any = None) -> None:
+    """One line for a key that neither HFLM, from_pretrained nor the model's config takes."""
+    known = known_keys()
+    for k, v in rest.items():
+        if k in known or (model_config is not None and hasattr(model_config, k)):
+            continue
+        raise unknown_key_error("hf-quant", k, v, known | set(CORE_KEYS) | set(WRAPPER_KEYS))
+
+
+def _local_path(p: Any) -> bool:
+    return isinstance(p, str) and (p.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(p)))
+
+
+def check_paths_and_dtype(pretrained: Any, kwargs: dict) -> None:
+    """Cheap checks of what HFLM would otherwise turn into a traceback mid-load."""
+    if isinstance(pretrained, str):
+        if not pretrained.strip():
+            raise QuantArgError("hf-quant: pretrained= is empty; give a model folder or a hub id")
+        if _local_path(pretrained):
+            root = os.path.expanduser(pretrained)
+            if not os.path.exists(root):
+                raise QuantArgError(f"hf-quant: pretrained={pretrained} does not exist")
+            if not os.path.isdir(root):
+                raise QuantArgError(f"hf-quant: pretrained={pretrained} is a file; give the model's folder")
+            d = os.path.join(root, str(kwargs.get("subfolder") or ""))
+            if not os.path.isdir(d):
+                raise QuantArgError(f"hf-quant: subfolder={kwargs.get('subfolder')} does not exist in {pretrained}")
+            if not kwargs.get("gguf_file"):
+                conf = os.path.join(d, "config.json")
+                if not os.path.isfile(conf) and re.search(r"\.tmp-\d+$", os.path.basename(os.path.normpath(root))):
+                    raise QuantArgError(f"hf-quant: {pretrained} is the temp folder of an export that did not finish (no config.json); "
+                                        f"it holds no usable checkpoint (the next export next to it removes it)")
+                if not os.path.isfile(conf):
+                    raise QuantArgError(f"hf-quant: {d} has no config.json; is pretrained= a Hugging Face model folder?")
+                try:
+                    with open(conf, encoding="utf-8") as f:
+                        c = json.load(f)
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise QuantArgError(f"hf-quant: {conf} is not valid JSON ({' '.join(str(e).split())[:120]})") from None
+                if not isinstance(c, dict):
+                    raise QuantArgError(f"hf-quant: {conf} must hold a JSON object, got {type(c).__name__}")
+    for key in ("tokenizer", "peft", "delta"):
+        v = kwargs.get(key)
+        if isinstance(v, str) and v.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(v)):
+            raise QuantArgError(f"hf-quant: {key}={v} does not exist")
+    for key in ("dtype", "torch_dtype", "softmax_dtype", "mixed_precision_dtype"):
+        v = kwargs.get(key)
+        if v is None or isinstance(v, torch.dtype):
+            continue
+        name = str(v).strip().replace("torch.", "")
+        if name not in _DTYPE_WORDS and not isinstance(getattr(torch, name, None), torch.dtype):
+            raise QuantArgError(f"hf-quant: {key}={v} is not a torch dtype; use auto, float32, bfloat16 or float16")
+
+
+def _meta_model(pretrained: str, kwargs: dict):
+    """(config, weightless meta copy of the model) or (config or None, None) when it cannot be built."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = bool(kwargs.get("trust_remote_code", False))
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        conf = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code, revision=revision)
+        conf = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust, revision=kwargs.get("revision", "main"),
+                                          subfolder=kwargs.get("subfolder") or "")
+    except Exception as e:  # noqa: BLE001  (hub id offline, exotic config: checked after loading instead)
+        log.debug("config pre-load skipped: %s", e)
+        return None, None
+    try:
         with torch.device("meta"):
-            meta = AutoModelForCausalLM.from_config(conf, trust_remote_code=trust_remote_code)
-    except Exception as e:  # pragma: no cover - exotic models: checked after loading instead
+            meta = AutoModelForCausalLM.from_config(conf, trust_remote_code=trust)
+    except Exception as e:  # noqa: BLE001
         log.debug("shape pre-check skipped: %s", e)
-        return
-    if plan is not None:
-        from ..execution import check_real_shapes
+        return conf, None
+    return conf, meta
 
-        check_real_shapes(quantizable_linears(meta, cfg.skip), cfg, plan)
+
+def warn_unmatched_skip(model, cfg) -> None:
+    """One warning line for each skip= pattern that matches no module (a typo quantizes silently)."""
+    from ..methods.base import DEFAULT_SKIP, matches
+
+    names = [n for n, _ in model.named_modules() if n]
+    for pat in cfg.skip:
+        if pat in DEFAULT_SKIP and tuple(cfg.skip) == DEFAULT_SKIP:
+            continue  # the default: models without an lm_head module are fine
+        if not any(matches(n, (pat,)) for n in names):
+            msg = f"hf-quant: warning: skip pattern {pat!r} matches no module of the model; nothing is skipped for it"
+            print(msg, file=sys.stderr)
+            log.warning(msg)
+
+
+def preflight(pretrained: Any, kwargs: dict, warn: bool = True) -> tuple[Any, dict, Any]:
+    """Everything checked before any weights are read; pops our keys out of `kwargs` (the rest is
+    HFLM's) and returns (QuantConfig, wrapper args, method). Raises QuantArgError (one line)."""
+    if pretrained is None:
+        raise QuantArgError("hf-quant: pretrained=PATH_OR_HUB_ID is required")
+    check_paths_and_dtype(pretrained, kwargs)
+    if isinstance(pretrained, str):
+        # a pre-quantized checkpoint (GPTQ/AWQ/bnb/compressed-tensors) is evaluated as it is:
+        # method defaults to none, and asking for another method is one clear line
+        # (lm-eval parses method=none as None)
+        asked = (kwargs["method"] or "none") if "method" in kwargs else None
+        qc = prequant.check_prequantized(
+            pretrained,
+            asked,
+            revision=kwargs.get("revision"),
+            subfolder=kwargs.get("subfolder") or "",
+            trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
+        )
+        if qc and asked is None:
+            kwargs["method"] = "none"
+    cfg, wrap, method = config_from_model_args(kwargs)
+    from ..execution import check_real_shapes, plan_execution  # issue 14
+
+    plan = plan_execution(cfg, wrap.get("execution"), wrap.get("kernel"))
+    if wrap.get("save_quantized"):
+        from ..export import check_exportable, check_output
+
+        check_exportable(cfg)  # before any weights are read
+        check_output(wrap["save_quantized"])
+    conf = meta = None
+    if isinstance(pretrained, str):
+        conf, meta = _meta_model(pretrained, kwargs)
+    check_rest_keys(kwargs, conf)
+    if meta is not None:
+        dev = kwargs.get("device") or "cpu"
+        method.check_shapes(meta, cfg, dev if str(dev).startswith(("cpu", "cuda", "mps", "xpu")) else "cpu")
+        if wrap.get("save_quantized"):
+            from ..export import check_export_shapes
+
+            check_export_shapes(meta, cfg)
+        if plan.real:  # issue 14: packed-layout limits, before any weights are read
+            check_real_shapes(quantizable_linears(meta, cfg.skip), cfg, plan)
+        if warn and not cfg.is_baseline:
+            warn_unmatched_skip(meta, cfg)
+    wrap["_plan"] = plan
+    return cfg, wrap, method
+
+
+def precheck_command_line(argv: list[str]) -> None:
+    """For `lm-eval-quant --model hf-quant --model_args ...`: run :func:`preflight` on the command
+    line before lm-eval builds its task index (seconds), so a bad argument is said at once."""
+    model = raw = device = None
+    for i, a in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if a == "--model":
+            model = nxt
+        elif a.startswith("--model="):
+            model = a.split("=", 1)[1]
+        elif a == "--device":
+            device = nxt
+    if model != "hf-quant":
         return
-    check_group_size(quantizable_linears(meta, cfg.skip), cfg.group_size)
+    raw = argv_model_args(argv)
+    if raw is None or raw.lstrip().startswith("{"):
+        return
+    kwargs = split_model_args(raw, where="hf-quant", typed=True)
+    if device and "device" not in kwargs:
+        kwargs["device"] = device
+    preflight(kwargs.pop("pretrained", None), kwargs, warn=False)
 
 
 class HFQuantLM(HFLM):
@@ -114,6 +240,12 @@ class HFQuantLM(HFLM):
 
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
         try:
+            if _running_cli() or "hf-quant" in sys.argv:
+                # lm-eval's own parser keeps the last of two equal keys silently: look at the
+                # command line it parsed (a JSON model_args is left to lm-eval)
+                raw = argv_model_args(sys.argv)
+                if raw and not raw.lstrip().startswith("{"):
+                    split_model_args(raw, where="hf-quant")
             self._lmq_init(pretrained, **kwargs)
         except QuantArgError as e:
             if _running_cli():
@@ -123,25 +255,7 @@ class HFQuantLM(HFLM):
             raise
 
     def _lmq_init(self, pretrained: Any = None, **kwargs: Any) -> None:
-        if pretrained is None:
-            raise QuantArgError("hf-quant: pretrained=PATH_OR_HUB_ID is required")
-        if isinstance(pretrained, str):
-            if pretrained.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(pretrained)):
-                raise QuantArgError(f"hf-quant: pretrained={pretrained} does not exist")
-            # a pre-quantized checkpoint (GPTQ/AWQ/bnb/compressed-tensors) is evaluated as it is:
-            # method defaults to none, and asking for another method is one clear line
-            # (lm-eval parses method=none as None)
-            asked = (kwargs["method"] or "none") if "method" in kwargs else None
-            qc = prequant.check_prequantized(
-                pretrained,
-                asked,
-                revision=kwargs.get("revision"),
-                subfolder=kwargs.get("subfolder") or "",
-                trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
-            )
-            if qc and asked is None:
-                kwargs["method"] = "none"
-        cfg, wrap, method = config_from_model_args(kwargs)
+        cfg, wrap, method = preflight(pretrained, kwargs)
         self._lmq_cfg = cfg
         self._lmq_method = method
         self._lmq_wrap = wrap
@@ -149,9 +263,9 @@ class HFQuantLM(HFLM):
         self._lmq_accounting: dict | None = None
         self._lmq_timing: dict = {}
         # issue 14: execution=fake|real|auto, kernel=...; memory probe from before the weights load
-        from ..execution import MemoryProbe, plan_execution
+        from ..execution import MemoryProbe
 
-        self._lmq_plan = plan_execution(cfg, wrap.get("execution"), wrap.get("kernel"))
+        self._lmq_plan = wrap.pop("_plan")
         self._lmq_exec_info: dict = {}
         self._lmq_ll = {"tokens": 0, "seconds": 0.0, "requests": 0}
         self._lmq_probe = MemoryProbe(_probe_device(kwargs.get("device"))).start()
@@ -159,23 +273,11 @@ class HFQuantLM(HFLM):
                 kwargs.get("parallelize") or kwargs.get("device_map") not in (None, "", "cpu")):
             raise QuantArgError("hf-quant: execution=real places the packed model on one device; drop "
                                 "parallelize/device_map (or use execution=fake)")
-        if wrap.get("save_quantized"):
-            from ..export import check_exportable
-
-            check_exportable(cfg)  # before any weights are read
-        if isinstance(pretrained, str):
-            _precheck_shapes(
-                pretrained,
-                cfg,
-                bool(kwargs.get("trust_remote_code", False)),
-                kwargs.get("revision", "main"),
-            )
-            if self._lmq_plan.real:  # issue 14: packed-layout limits, before any weights are read
-                _precheck_shapes(pretrained, cfg, bool(kwargs.get("trust_remote_code", False)),
-                                 kwargs.get("revision", "main"), plan=self._lmq_plan)
         self._lmq_device_arg = kwargs.get("device", "cuda")
         super().__init__(pretrained=pretrained, **kwargs)
         if not isinstance(pretrained, str):  # a model object: quantize it here
+            if not cfg.is_baseline:
+                warn_unmatched_skip(self._model, cfg)
             self._lmq_apply(self._model, model_id=None)
 
     # -- HFLM hook --------------------------------------------------------------------------
@@ -191,6 +293,8 @@ class HFQuantLM(HFLM):
         if self._lmq_plan.real and self._lmq_plan.backend in ("gptq", "bnb") and kwargs.get("device_map") is None:
             # issue 14: load on the host; only packed layers go to the compute device (make_real)
             kwargs["device_map"] = "cpu"
+        # what is loaded besides `pretrained` (part of the cache key)
+        self._lmq_load = {k: kwargs.get(k) for k in ("subfolder", "peft", "delta", "gguf_file") if kwargs.get(k)}
         t0 = time.perf_counter()
         super()._create_model(pretrained, *args, **kwargs)
         self._lmq_timing["load_s"] = time.perf_counter() - t0
@@ -213,7 +317,7 @@ class HFQuantLM(HFLM):
             model_id=model_id,
         )
         t0 = time.perf_counter()
-        if cfg.is_baseline or cfg.method == "bnb":
+        if cfg.is_baseline or method.quantizes_at_load:
             report = method.quantize(model, cfg, ctx)
         else:
             check_group_size(quantizable_linears(model, cfg.skip), cfg.group_size)
@@ -240,13 +344,13 @@ class HFQuantLM(HFLM):
     def _lmq_quantize_cached(self, model, cfg, method, ctx, model_id, revision) -> QuantReport:
         """Quantize through the quantized-weights cache (cache=false turns it off)."""
         from .. import cache as cache_mod
-        from ..methods.base import parse_bool
 
-        enabled = parse_bool("cache", self._lmq_wrap.get("cache", True))
+        enabled = bool(self._lmq_wrap.get("cache", True))
         cache_dir = self._lmq_wrap.get("cache_dir")
         if not enabled:
             return method.quantize(model, cfg, ctx)
-        identity = cache_mod.model_identity(model_id, revision, model=model, cache_dir=cache_dir)
+        load = getattr(self, "_lmq_load", {}) if model_id is not None else {}
+        identity = cache_mod.model_identity(model_id, revision, model=model, cache_dir=cache_dir, **load)
         calib = cache_mod.calibration_identity(cfg, ctx.tokenizer)
         report, _hit = cache_mod.load_or_quantize(
             model, cfg, identity, lambda: method.quantize(model, cfg, ctx),

@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
         if Path(args.paths[0]).is_file() and not args.out:
             out = Path(args.paths[0]).parent / "report"
+        from lm_eval_quant.sweep._io import check_writable_dir
+
+        check_writable_dir(out, "report: --out")
         rep = make_report(
             args.paths, out, metric=args.metric, budget_gb=args.budget_gb,
             task_metric=_pairs(args.task_metric, "--task-metric"),
@@ -67,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except QuantArgError as e:
         print(f"lm-eval-quant: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out read-only, disk full
+        why = e.strerror or str(e)
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"lm-eval-quant: error: report: cannot write{where} ({why}); choose another --out", file=sys.stderr)
         return 2
     if not args.quiet:
         from lm_eval_quant.report.table import to_markdown

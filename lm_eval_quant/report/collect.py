@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -182,16 +183,13 @@ def _num(v) -> float | None:
 
 
 def parse_model_args(margs) -> dict:
-    """``config.model_args`` is a dict (CLI) or a ``k=v,k=v`` string (python API)."""
-    if isinstance(margs, dict):
-        return dict(margs)
-    out = {}
-    if isinstance(margs, str):
-        for part in margs.split(","):
-            if "=" in part:
-                k, v = part.split("=", 1)
-                out[k.strip()] = v.strip()
-    return out
+    """``config.model_args`` is a dict (CLI) or a ``k=v,k=v`` string (python API); read
+    leniently (results files are history: a malformed part is dropped, not an error)."""
+    from lm_eval_quant.args import split_model_args
+
+    if not isinstance(margs, (str, dict)):
+        return {}
+    return split_model_args(margs, where="report", strict=False)
 
 
 def parse_tasks(d: dict, source: str = "", stamp: float = 0.0) -> dict[str, TaskResult]:
@@ -397,6 +395,9 @@ def collect(paths: Iterable[str | os.PathLike]) -> list[Run]:
     for f in files:
         d = load_results_file(f)
         if d is None:
+            if f.name.startswith("results_"):  # a results file we cannot read: say so, by name
+                print(f"report: warning: skipped {f} (not a complete lm-eval results file: truncated or damaged?)",
+                      file=sys.stderr)
             continue
         n_ok += 1
         stamp = file_stamp(f, d)

@@ -26,9 +26,39 @@ def fsync_dir(d: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # no space / read-only: the old file stays, no half-written one appears
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
     fsync_dir(path.parent)
+
+
+def check_writable_dir(d: Path, what: str) -> None:
+    """One QuantArgError line unless folder `d` exists or can be created, and can be written."""
+    from lm_eval_quant.errors import QuantArgError
+
+    d = Path(d)
+    if d.exists() and not d.is_dir():
+        raise QuantArgError(f"{what} {d} exists and is not a folder")
+    probe = d
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise QuantArgError(f"{what} {d} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise QuantArgError(f"{what} {d} is not writable ({probe} is read-only)")
+
+
+def os_error_line(e: OSError, where: str) -> str:
+    """`where`: what failed, said in one line (no space, read-only, ...)."""
+    why = e.strerror or str(e)
+    name = f" {e.filename}" if getattr(e, "filename", None) else ""
+    return f"{where}: cannot write{name} ({why})"

@@ -128,9 +128,9 @@ def run_cell(cell_dir: Path) -> int:
     tasks = list(cfg["tasks"])
     # like the lm_eval CLI: tasks see the model_args (+ --metadata) as their metadata
     # (e.g. the perplexity tasks read the tokenizer's name from it)
-    from lm_eval.utils import simple_parse_args_string
+    from lm_eval_quant.args import split_model_args
 
-    metadata = simple_parse_args_string(cfg["model_args"]) | dict(harness.get("metadata") or {})
+    metadata = split_model_args(cfg["model_args"], where="sweep cell", typed=True) | dict(harness.get("metadata") or {})
     key = _tm_key(tasks, harness)
     tm = None
     if key in _TM_CACHE:  # indexed by the cell server before it forked this process
@@ -183,6 +183,7 @@ def run_cell(cell_dir: Path) -> int:
     res_files = [p for p in written if p.name.startswith("results_")]
     if len(res_files) != 1:
         raise RuntimeError(f"expected one results file from lm-eval's tracker, found {len(res_files)}")
+    check_results_file(res_files[0])  # lm-eval's writer swallows write errors: parse before the commit
     # samples first, results last: the results file's appearance is the commit point
     for p in written:
         with open(p, "rb") as f:
@@ -206,6 +207,18 @@ def run_cell(cell_dir: Path) -> int:
     lap("save")
     print(f"[lm-eval-quant sweep cell] {cfg['name']} finished; seconds: {times}", file=sys.stderr, flush=True)
     return 0
+
+
+def check_results_file(p: Path) -> None:
+    """Raise (one line) unless `p` is a complete results JSON (a full disk leaves it truncated,
+    and lm-eval's tracker only logs the error)."""
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"lm-eval wrote an unreadable results file {p.name} ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:120]}); disk full? nothing was committed") from None
+    if not isinstance(d, dict) or not isinstance(d.get("results"), dict):
+        raise RuntimeError(f"lm-eval wrote an incomplete results file {p.name} (no 'results'); nothing was committed")
 
 
 def _rm_tree(p: Path) -> None:

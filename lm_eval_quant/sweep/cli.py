@@ -29,13 +29,9 @@ def _typed(v: str):
 
 
 def _kv(s: str, what: str) -> dict:
-    out = {}
-    for part in _csv(s):
-        k, eq, v = part.partition("=")
-        if not eq or not k.strip():
-            raise QuantArgError(f"sweep: {what} must be key=value pairs separated by ',', got {part!r}")
-        out[k.strip()] = _typed(v.strip())
-    return out
+    from lm_eval_quant.args import split_model_args
+
+    return {k: _typed(v) for k, v in split_model_args(s, where=f"sweep: {what}").items()}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,6 +107,8 @@ def spec_from_args(a) -> "object":
             raise QuantArgError(f"sweep: spec file not found: {sp}")
         try:
             d = yaml.safe_load(sp.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise QuantArgError(f"sweep: {sp} is not UTF-8 text (invalid byte at offset {e.start}); save the spec as UTF-8") from None
         except yaml.YAMLError as e:
             raise QuantArgError(f"sweep: {sp} is not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(d, dict):
@@ -207,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
                         retry_failed=a.retry_failed, dry_run=a.dry_run, start=a.start)
     except QuantArgError as e:
         print(f"lm-eval-quant: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # no space / read-only while writing logs or status: nothing half-committed
+        from lm_eval_quant.sweep._io import os_error_line
+
+        print(f"lm-eval-quant: error: {os_error_line(e, 'sweep')}; finished cells are kept, rerun to resume",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lm-eval-quant sweep: interrupted; rerun the same command to resume", file=sys.stderr)

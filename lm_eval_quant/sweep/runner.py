@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lm_eval_quant.errors import QuantArgError
-from lm_eval_quant.sweep._io import CELL_JSON, DONE, ERROR, atomic_write_text
+from lm_eval_quant.sweep._io import CELL_JSON, DONE, ERROR, atomic_write_text, check_writable_dir
 from lm_eval_quant.sweep.spec import Cell, SweepSpec
 
 LOG_NAME = "sweep_log.jsonl"
@@ -472,8 +472,7 @@ def run_sweep(spec, out_dir, launcher: str = "local", ray_address: str | None = 
     spec = SweepSpec.load(spec)
     cells = spec.cells()
     out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise QuantArgError(f"sweep: --out {out_dir} exists and is not a folder")
+    check_writable_dir(out_dir, "sweep: --out")
     if launcher == "ray" and not dry_run:
         try:
             import ray  # noqa: F401

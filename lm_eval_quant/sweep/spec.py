@@ -15,15 +15,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lm_eval_quant import args as A
 from lm_eval_quant.errors import QuantArgError
 
-CORE_METHODS = ("none", "rtn", "gptq", "awq", "bnb")
-QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def _method_list() -> str:
+    from lm_eval_quant.methods import available_methods
+
+    return ", ".join(available_methods())
+
+QUANT_BITS = tuple(range(A.MIN_BITS, A.MAX_BITS + 1))
 BNB_BITS = (4, 8)
 BNB_FORMATS = {"nf4": "nf4", "fp4": "fp4", "nf": "nf4", "fp": "fp4"}
 INT_FORMATS = ("int",)
 # hf-quant keys that are not method options but may sit in a method entry's options.
-WRAPPER_KEYS = {"skip", "cache", "cache_dir", "save_quantized"}
+WRAPPER_KEYS = set(A.WRAPPER_KEYS) | {"skip"}
 
 # Harness options, their type (for the checks) and the simple_evaluate keyword they feed.
 HARNESS_OPTIONS: dict[str, tuple] = {
@@ -72,9 +79,11 @@ def _slug(s: str) -> str:
     return s or "x"
 
 
-def _as_list(v, what: str) -> list:
+def _as_list(v, what: str, empty_ok: bool = False) -> list:
     if v is None:
         return []
+    if isinstance(v, (list, tuple)) and not v and not empty_ok:
+        raise QuantArgError(f"sweep spec: {what} is an empty list; give at least one value or leave the key out")
     if isinstance(v, str):
         return [x.strip() for x in v.split(",") if x.strip()] if "," in v else [v]
     if isinstance(v, (list, tuple)):
@@ -86,24 +95,17 @@ def _int_list(v, what: str) -> list[int]:
     out = []
     for x in _as_list(v, what):
         try:
-            if isinstance(x, bool):
-                raise ValueError
-            xi = int(str(x).strip())
-        except ValueError:
+            out.append(A.parse_int(what, x))
+        except QuantArgError:
             raise QuantArgError(f"sweep spec: {what} must be integers, got {x!r}") from None
-        out.append(xi)
     return out
 
 
 def _bool(x, what: str) -> bool:
-    if isinstance(x, bool):
-        return x
-    s = str(x).strip().lower()
-    if s in ("true", "1", "yes", "sym"):
-        return True
-    if s in ("false", "0", "no", "asym"):
-        return False
-    raise QuantArgError(f"sweep spec: {what} must be true/false, got {x!r}")
+    try:
+        return A.parse_bool(what, x)
+    except QuantArgError:
+        raise QuantArgError(f"sweep spec: {what} must be true/false, got {x!r}") from None
 
 
 def _check_arg_value(k: str, v, where: str) -> None:
@@ -169,7 +171,7 @@ class MethodSpec:
         if isinstance(d, str):
             d = {"name": d}
         if not isinstance(d, dict) or not d.get("name"):
-            raise QuantArgError(f"sweep spec: each method needs a 'name' (one of {', '.join(CORE_METHODS)}), got {d!r}")
+            raise QuantArgError(f"sweep spec: each method needs a 'name' (one of {_method_list()}), got {d!r}")
         d = {_ALIASES.get(k, k): v for k, v in d.items()}
         unknown = set(d) - {"name", "label", "bits", "group_sizes", "formats", "sym", "options"}
         if unknown:
@@ -297,6 +299,8 @@ class SweepSpec:
 
         try:
             d = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise QuantArgError(f"sweep spec: {p} is not UTF-8 text (invalid byte at offset {e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise QuantArgError(f"sweep spec: {p} is not valid YAML ({first})") from None
@@ -325,8 +329,8 @@ class SweepSpec:
                 f"sweep spec: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(TOP_KEYS))} "
                 f"and harness options {', '.join(sorted(HARNESS_OPTIONS))}"
             )
-        models = [ModelSpec.from_any(m) for m in _as_list(d.get("models"), "models")]
-        tasks = [str(t) for t in _as_list(d.get("tasks"), "tasks")]
+        models = [ModelSpec.from_any(m) for m in _as_list(d.get("models"), "models", empty_ok=True)]
+        tasks = [str(t) for t in _as_list(d.get("tasks"), "tasks", empty_ok=True)]
         kw: dict[str, Any] = {"models": models, "tasks": tasks, "harness": harness}
         if d.get("methods") is not None:
             kw["methods"] = [MethodSpec.from_any(m) for m in _as_list(d["methods"], "methods")]
@@ -339,14 +343,7 @@ class SweepSpec:
         if d.get("sym") is not None:
             kw["sym"] = [_bool(s, "sym") for s in _as_list(d["sym"], "sym")]
         if d.get("model_args") is not None:
-            ma = d["model_args"]
-            if isinstance(ma, str):
-                from_str = {}
-                for part in filter(None, ma.split(",")):
-                    k, _, v = part.partition("=")
-                    from_str[k.strip()] = v.strip()
-                ma = from_str
-            kw["model_args"] = dict(ma)
+            kw["model_args"] = A.split_model_args(d["model_args"], where="sweep spec: model_args")
         if d.get("name"):
             kw["name"] = str(d["name"])
         if d.get("lm_eval_model"):
@@ -395,18 +392,14 @@ class SweepSpec:
         if not self.tasks:
             raise QuantArgError("sweep spec: 'tasks' is empty; give at least one lm-eval task name")
         if not self.methods:
-            raise QuantArgError(f"sweep spec: 'methods' is empty; use one or more of {', '.join(CORE_METHODS)}")
+            raise QuantArgError(f"sweep spec: 'methods' is empty; use one or more of {_method_list()}")
         names = [m.name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise QuantArgError(f"sweep spec: model name(s) {dup} used twice; give each model a distinct 'name'")
-        known = set(CORE_METHODS)
-        try:  # methods registered by the package (cheap: a dict of import strings)
-            from lm_eval_quant.methods import METHODS  # type: ignore
+        from lm_eval_quant.methods import available_methods
 
-            known |= set(METHODS)
-        except Exception:  # noqa: BLE001  (methods package not there yet / broken: core names only)
-            pass
+        known = set(available_methods())
         labels = [m.label for m in self.methods]
         for m in self.methods:
             if m.name not in known:
@@ -418,7 +411,8 @@ class SweepSpec:
             )
         for b in self.bits + [b for m in self.methods for b in (m.bits or [])]:
             if b < 1 or b > 32:
-                raise QuantArgError(f"sweep spec: bits={b} is out of range; use 2..8, or 16 for unquantized")
+                raise QuantArgError(f"sweep spec: bits={b} is out of range; use {A.MIN_BITS}..{A.MAX_BITS}, "
+                                    f"or {A.FULL_BITS} for unquantized")
         for g in self.group_sizes + [g for m in self.methods for g in (m.group_sizes or [])]:
             if g == 0 or g < -1:
                 raise QuantArgError(f"sweep spec: group_size={g} is invalid; use a positive size or -1 (per output row)")
@@ -463,7 +457,7 @@ class SweepSpec:
                 gs_l = ms.group_sizes if ms.group_sizes is not None else self.group_sizes
                 if ms.formats is not None:
                     fmt_l = ms.formats
-                elif ms.name == "bnb":
+                elif _at_load(ms.name):
                     fmt_l = ["nf4"]
                 else:
                     fmt_l = self.formats
@@ -494,7 +488,7 @@ class SweepSpec:
         fmt = str(fmt)
         reason = None
         gname = "gch" if gs == -1 else f"g{gs}"
-        if ms.name == "bnb":
+        if _at_load(ms.name):  # bitsandbytes-style: quantized by from_pretrained, its own formats
             if bits == 8:
                 return Cell(name=f"{model.name}__{ms.label}-w8", method="bnb", method_label=ms.label, bits=8,
                             group_size=None, format=None, sym=None, options=dict(ms.options), **base)
@@ -517,44 +511,46 @@ class SweepSpec:
                     sym=s, options=dict(ms.options), skip_reason=reason, **base)
 
 
-def _method_checks(cells: list[Cell]) -> None:
-    """Ask each method's own cheap ``validate`` (no model) about each cell; a ``QuantArgError``
-    marks the cell skipped with that line. Methods not importable yet are not asked (the cell
-    then fails at run time with the method's own one-line error, and the sweep goes on)."""
+def _at_load(name: str) -> bool:
+    """The method quantizes inside from_pretrained (bitsandbytes): its cells take nf4/fp4/int8."""
+    from lm_eval_quant.methods import get_method
+
     try:
-        from lm_eval_quant.methods import QuantConfig, get_method  # type: ignore
-    except Exception:  # noqa: BLE001
-        return
+        return bool(get_method(name).quantizes_at_load)
+    except QuantArgError:
+        return False
+
+
+def _method_checks(cells: list[Cell]) -> None:
+    """Ask the argument layer (the same ``build_config`` hf-quant runs, no model) about each
+    cell; a ``QuantArgError`` marks the cell skipped with that line. Methods that cannot be
+    imported here are not asked (the cell then fails at run time with the method's own one-line
+    error, and the sweep goes on)."""
     for c in cells:
         if c.skip_reason or c.method == "none":
             continue
         try:
+            from lm_eval_quant.methods import get_method
+
             meth = get_method(c.method)
         except QuantArgError as e:
             c.skip_reason = str(e)
             continue
-        except Exception:  # noqa: BLE001
+        except ImportError:
             continue
-        opts = getattr(meth, "OPTIONS", {}) or {}
-        unknown = [k for k in c.options if k not in opts and k not in WRAPPER_KEYS]
+        opts = dict(c.options)
+        unknown = [k for k in opts if k not in A.options_of(meth) and k not in WRAPPER_KEYS]
         if unknown:
             c.skip_reason = (f"{c.method} has no option(s) {unknown}; its options are "
-                             f"{', '.join(sorted(opts)) or '(none)'}")
+                             f"{', '.join(sorted(A.options_of(meth))) or '(none)'}")
             continue
+        kw = {k: v for k, v in opts.items() if k not in WRAPPER_KEYS}
+        if "skip" in opts:
+            kw["skip"] = opts["skip"]
+        for k in ("group_size", "format", "sym"):
+            if getattr(c, k) is not None:
+                kw[k] = getattr(c, k)
         try:
-            kw = dict(method=c.method, bits=c.bits,
-                      options={k: v for k, v in c.options.items() if k not in WRAPPER_KEYS})
-            if "skip" in c.options:
-                sk = c.options["skip"]
-                kw["skip"] = tuple(sk) if isinstance(sk, (list, tuple)) else tuple(str(sk).split(";"))
-            if c.group_size is not None:
-                kw["group_size"] = c.group_size
-            if c.format is not None:
-                kw["format"] = c.format
-            if c.sym is not None:
-                kw["sym"] = c.sym
-            meth.validate(QuantConfig(**kw))
+            A.build_config(method=c.method, bits=c.bits, **kw)
         except QuantArgError as e:
             c.skip_reason = str(e)
-        except Exception:  # noqa: BLE001  (a validate that needs more than the config: leave it to run time)
-            pass
