@@ -4,7 +4,7 @@
         --model_args pretrained=Qwen/Qwen2.5-7B,method=gptq,bits=3,group_size=128 --tasks piqa
 
 Our arguments (method, bits, group_size, format, sym, skip, the method's options, cache,
-cache_dir, save_quantized) are taken out; every other argument goes to HFLM unchanged, so
+cache_dir, save_quantized, kl_ref, kl_out) are taken out; every other argument goes to HFLM unchanged, so
 whatever works with `--model hf` works here. The quantization runs inside HFLM's
 `_create_model` hook right after the weights are loaded (on CPU unless a device map says
 otherwise; methods move one layer at a time to the compute device), and the bit accounting is
@@ -125,7 +125,13 @@ class HFQuantLM(HFLM):
             )
             if qc and asked is None:
                 kwargs["method"] = "none"
+        kl_ref = kwargs.pop("kl_ref", None) or os.environ.get("LMQ_KL_REF") or None
+        kl_out = kwargs.pop("kl_out", None) or os.environ.get("LMQ_KL_OUT") or None
         cfg, wrap, method = config_from_model_args(kwargs)
+        if kl_ref is not None and not cfg.is_baseline and kl_out is None:
+            raise QuantArgError(
+                "hf-quant: kl_ref=DIR on a quantized model also needs kl_out=DIR (where "
+                "tokkl_<task>.npz goes: the folder of this run's results, for the report)")
         self._lmq_cfg = cfg
         self._lmq_method = method
         self._lmq_wrap = wrap
@@ -147,6 +153,11 @@ class HFQuantLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
         if not isinstance(pretrained, str):  # a model object: quantize it here
             self._lmq_apply(self._model, model_id=None)
+        if kl_ref is not None:  # token-level KL on perplexity tasks (lm_eval_quant.tokkl)
+            from .. import tokkl
+
+            tokkl.install(self, kl_ref, kl_out, reference=cfg.is_baseline,
+                          model_id=str(pretrained) if isinstance(pretrained, str) else "")
 
     # -- HFLM hook --------------------------------------------------------------------------
     def _create_model(self, pretrained: str, *args: Any, **kwargs: Any) -> None:
