@@ -4,15 +4,18 @@ computed while lm-eval scores them (llama.cpp's ``--kl-divergence-base`` / ``--k
 **Compact fp reference.** For every scored token of every window of a perplexity task, the
 unquantized run stores the ids and log-probabilities of its top ``k = 32`` tokens (``int32`` ids,
 ``float32`` log-probabilities, normalised by the full-vocabulary log-sum-exp, so the log-sum-exp
-itself is folded in): 256 bytes per token, once per model and task, in
-``<kl_ref>/<task>.topk.npz``; every quantized run of that model reads it.
+itself is folded in) and the log of the probability mass outside them (``float32``, computed by a
+log-sum-exp over the rest of the vocabulary, so no ``1 − Σ`` cancellation): 260 bytes per token,
+once per model and task, in ``<kl_ref>/<task>.topk.npz``; every quantized run of that model reads
+it.
 
 **KL from it.** With S the fp top-k set, T the rest of the vocabulary, P_T = 1 − Σ_S p and
 Q_T = 1 − Σ_S q (q is the quantized model's full distribution, known exactly at that point)::
 
     KL_k = Σ_{x∈S} p(x) log(p(x)/q(x)) + P_T log(P_T/Q_T)
 
-is the exact KL between the two distributions with the tail T merged into one outcome. By the
+(Q_T is likewise a log-sum-exp over the quantized model's tail) is the exact KL between the two
+distributions with the tail T merged into one outcome. By the
 log-sum inequality 0 ≤ KL(p‖q) − KL_k = P_T · KL(p_T/P_T ‖ q_T/Q_T): the stored form gives a
 *lower bound* that is exact when the fp model puts no mass outside its top 32, and whose gap is
 the tail mass times the KL inside the tail. The per-token P_T is stored with the KL
@@ -53,24 +56,41 @@ def key_of(ids) -> str:
     return hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest()
 
 
-def topk_ref(logp: torch.Tensor, k: int = TOPK) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32 [n, k], log-probs float32 [n, k]) of normalised log-probabilities [n, vocab]."""
+def _tail_logmass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log Σ_{x∉ids} exp(logp[x]) per row, computed directly (no 1 − Σ cancellation);
+    −inf when ids cover the whole vocabulary."""
+    masked = logp.double().scatter(-1, ids.long(), float("-inf"))
+    return torch.logsumexp(masked, dim=-1)
+
+
+def topk_ref(logp: torch.Tensor, k: int = TOPK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids int32 [n, k], log-probs float32 [n, k], tail log-mass float32 [n]) of normalised
+    log-probabilities [n, vocab]."""
     v, i = logp.float().topk(min(k, logp.shape[-1]), dim=-1)
-    return i.to(torch.int32).cpu().numpy(), v.cpu().numpy().astype(np.float32)
+    tail = _tail_logmass(logp, i)
+    return (i.to(torch.int32).cpu().numpy(), v.cpu().numpy().astype(np.float32),
+            tail.cpu().numpy().astype(np.float32))
 
 
-def kl_from_topk(ref_ids: np.ndarray, ref_logp: np.ndarray, logq: torch.Tensor) -> dict:
+def kl_from_topk(ref_ids: np.ndarray, ref_logp: np.ndarray, logq: torch.Tensor,
+                 ref_tail: np.ndarray | None = None) -> dict:
     """Per token: KL_k (see the module docstring), same top token, fp tail mass P_T.
-    ``logq``: the other model's normalised log-probabilities [n, vocab]."""
+    ``logq``: the other model's normalised log-probabilities [n, vocab]; ``ref_tail``: the fp
+    tail log-mass stored with the reference (else 1 − Σ top-k, which loses precision when the
+    tail is tiny)."""
     ids = torch.as_tensor(ref_ids, dtype=torch.long)
     lp = torch.as_tensor(ref_logp, dtype=torch.float64)
     lq_full = logq.detach().cpu()
     lq = lq_full.gather(-1, ids).double()
     p = lp.exp()
     head = (p * (lp - lq)).sum(-1)
-    pt = (1.0 - p.sum(-1)).clamp(min=0.0)
-    qt = (1.0 - lq.exp().sum(-1)).clamp(min=1e-300)
-    tail = torch.where(pt > 0, pt * (pt.clamp(min=1e-300).log() - qt.log()), torch.zeros_like(pt))
+    if ref_tail is not None:
+        lpt = torch.as_tensor(ref_tail, dtype=torch.float64)
+    else:
+        lpt = (1.0 - p.sum(-1)).clamp(min=0.0).log()
+    lqt = _tail_logmass(lq_full, ids)
+    pt = lpt.exp()
+    tail = torch.where(torch.isfinite(lpt), pt * (lpt - lqt), torch.zeros_like(pt))
     kl = (head + tail).clamp(min=0.0)
     same = lq_full.argmax(-1) == ids[:, 0]
     return {"kl": kl.numpy().astype(np.float32), "same_top": same.numpy(),
@@ -149,8 +169,9 @@ class TokenKL:
         task = hit[0]
         lp = logits[inplen - contlen: inplen]
         if self.reference:
-            ids, v = topk_ref(lp, self.k)
-            self.buf.setdefault(task, {})[key] = {"ids": ids, "logp": v, "doc": hit[1], "win": hit[2]}
+            ids, v, tail = topk_ref(lp, self.k)
+            self.buf.setdefault(task, {})[key] = {"ids": ids, "logp": v, "tail": tail,
+                                                  "doc": hit[1], "win": hit[2]}
             return
         ref = self._ref(task)
         if ref is None:
@@ -163,7 +184,7 @@ class TokenKL:
         if b - a != contlen:
             self.buf.setdefault(task, {}).setdefault("__missing__", {"n": 0})["n"] += 1
             return
-        r = kl_from_topk(ref["ids"][a:b], ref["logp"][a:b], lp)
+        r = kl_from_topk(ref["ids"][a:b], ref["logp"][a:b], lp, ref["tail"][a:b])
         r["doc"], r["win"] = hit[1], hit[2]
         self.buf.setdefault(task, {})[key] = r
 
@@ -179,7 +200,8 @@ class TokenKL:
                     keys = [str(x) for x in z["keys"]]
                     off = z["offsets"]
                     self.refs[task] = {
-                        "ids": z["ids"], "logp": z["logp"], "meta": json.loads(str(z["meta"])),
+                        "ids": z["ids"], "logp": z["logp"], "tail": z["tail_logmass"],
+                        "meta": json.loads(str(z["meta"])),
                         "index": {k: (int(off[i]), int(off[i + 1])) for i, k in enumerate(keys)},
                         "path": str(p)}
         return self.refs[task]
@@ -205,6 +227,7 @@ class TokenKL:
                 _atomic_savez(p, keys=np.asarray(order), offsets=offsets,
                               ids=np.concatenate([recs[k]["ids"] for k in order]),
                               logp=np.concatenate([recs[k]["logp"] for k in order]),
+                              tail_logmass=np.concatenate([recs[k]["tail"] for k in order]),
                               meta=np.asarray(json.dumps(meta)))
             else:
                 if self.out_dir is None:
