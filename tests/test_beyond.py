@@ -441,3 +441,74 @@ def test_budget_answer_names_significance(tmp_path):
     assert "significantly better" in rep.significance and "Runner-up: small" in rep.significance
     assert "95% CI [+0.1" in rep.significance
     assert rep.significance in rep.files["markdown"].read_text()
+
+
+# ---------------------------------------------------------------------------------- sweep wiring
+
+
+def test_sweep_defaults_log_samples_and_fp_first():
+    from lm_eval_quant.sweep.spec import SweepSpec
+
+    d = {"models": ["/m/a", "/m/b"], "methods": ["rtn", "none"], "bits": [4, 16], "group_sizes": [32],
+         "tasks": ["x"]}
+    spec = SweepSpec.from_dict(d)
+    assert spec.harness["log_samples"] is True and spec.harness["token_kl"] is True
+    cells = spec.cells(check_methods=False)
+    # each model's unquantized cell runs before its quantized ones (they read its KL reference)
+    assert [c.name for c in cells] == ["a__none-w16", "a__rtn-w4-g32-int", "b__none-w16", "b__rtn-w4-g32-int"]
+    # turning the logs off does not change what a cell computes: same keys (finished cells stay)
+    off = SweepSpec.from_dict(dict(d, harness={"log_samples": False, "token_kl": False}))
+    assert [c.key for c in off.cells(check_methods=False)] == [c.key for c in cells]
+
+
+def test_sweep_cli_no_log_samples_flag(tmp_path):
+    from lm_eval_quant.sweep.cli import build_parser, spec_from_args
+
+    a = build_parser().parse_args(["--models", "/m/a", "--tasks", "x", "--no-log-samples", "--no-token-kl"])
+    spec = spec_from_args(a)
+    assert spec.harness["log_samples"] is False and spec.harness["token_kl"] is False
+    b = build_parser().parse_args(["--models", "/m/a", "--tasks", "x"])
+    assert spec_from_args(b).harness["log_samples"] is True
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_flips_and_token_kl(tmp_path, monkeypatch):
+    """A real sweep (toy model; a multiple-choice task and wikitext2_gptq on toy text): the fp cell
+    stores the top-k reference, the 2-bit cell writes its token KL, the report shows both."""
+    import test_sweep as TS_
+    from lm_eval_quant.sweep import run_sweep
+    from lm_eval_quant.toy import make_corpus, make_tiny_model
+
+    for k, v in TS_.env().items():
+        if k.startswith(("HF_", "OMP_", "MKL_", "TOKENIZERS_", "PYTHONPATH")):
+            monkeypatch.setenv(k, v)
+    data = tmp_path / "data"
+    (data / "wikitext2").mkdir(parents=True)
+    rows = []
+    for i, para in enumerate(make_corpus(3000, seed=11).split("\n\n")):
+        rows += ["", f" = Story {i} = \n", "", " " + para + " \n"]
+    (data / "wikitext2" / "wikitext-2-raw-v1.test.rows.json").write_text(json.dumps(rows))
+    monkeypatch.setenv("LMQ_DATA_DIR", str(data))
+    model = make_tiny_model(tmp_path / "tiny-a", hidden=32, layers=1, heads=2, intermediate=64,
+                            train_steps=30, seed=0)
+    tasks = TS_.write_task(tmp_path / "tasks")
+    spec = {"name": "b", "models": [{"pretrained": str(model), "name": "tiny-a"}],
+            "methods": ["rtn"], "bits": [2, 16], "group_sizes": [16],
+            "tasks": [TS_.TASK, "wikitext2_gptq"], "model_args": {"dtype": "float32"},
+            "harness": {"limit": 12, "batch_size": 2, "device": "cpu", "include_defaults": False,
+                        "include_path": [str(tasks)], "metadata": {"ppl_seqlen": 16}}}
+    res = run_sweep(spec, tmp_path / "out", progress=False)
+    assert res.ok, res.table()
+    assert [c.name for c in res.cells][0] == "tiny-a__none-w16"
+    assert (tmp_path / "out" / "kl_ref" / "tiny-a" / "wikitext2_gptq.topk.npz").is_file()
+    q = tmp_path / "out" / "cells" / "tiny-a__rtn-w2-g16-int"
+    assert len(list(q.glob("tokkl_wikitext2_gptq_*.npz"))) == 1
+    assert len(list(q.glob(f"samples_{TS_.TASK}_*.jsonl"))) == 1
+    rep = make_report([tmp_path / "out"], tmp_path / "rep")
+    rows = {r["method"]: r for r in _rows(rep.files["csv"])}
+    r2 = rows["rtn"]
+    assert r2[f"{TS_.TASK}:fp_ref"] == "tiny-a float32"
+    assert 0.0 <= float(r2[f"{TS_.TASK}:flips"]) <= 1.0 and r2[f"{TS_.TASK}:mcnemar_p"] != ""
+    assert float(r2["wikitext2_gptq:kld_mean"]) > 0 and 0 <= float(r2["wikitext2_gptq:same_top_pct"]) <= 100
+    md = rep.files["markdown"].read_text()
+    assert "KLD mean" in md and "same top token %" in md
