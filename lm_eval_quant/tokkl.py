@@ -21,7 +21,7 @@ log-sum inequality 0 ≤ KL(p‖q) − KL_k = P_T · KL(p_T/P_T ‖ q_T/Q_T): th
 the tail mass times the KL inside the tail. The per-token P_T is stored with the KL
 (``tail_mass``) so the report shows how much mass the bound can miss (the 260K-parameter
 stories260K model, vocabulary 512, leaves 0.045 per token outside its top 32 on WikiText-2
-windows of 128 tokens; large-vocabulary LLMs are typically more peaked). Same-top-token is exact
+windows of 128 tokens). Same-top-token is exact
 (the fp top-1 is stored).
 
 **Matching tokens.** Requests are matched by content, not order: each loglikelihood request of a

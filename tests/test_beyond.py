@@ -512,3 +512,17 @@ def test_sweep_end_to_end_flips_and_token_kl(tmp_path, monkeypatch):
     assert float(r2["wikitext2_gptq:kld_mean"]) > 0 and 0 <= float(r2["wikitext2_gptq:same_top_pct"]) <= 100
     md = rep.files["markdown"].read_text()
     assert "KLD mean" in md and "same top token %" in md
+
+
+def test_hf_quant_kl_ref_needs_kl_out_for_quantized(kl_model, tmp_path):
+    """One line, before any weights are read."""
+    import lm_eval_quant
+    from lm_eval_quant.errors import QuantArgError
+
+    lm_eval_quant.register()
+    from lm_eval_quant.models.hf_quant import HFQuantLM
+
+    with pytest.raises(QuantArgError, match=r"kl_ref=DIR on a quantized model also needs kl_out=DIR") as e:
+        HFQuantLM(pretrained=str(kl_model), method="rtn", bits=4, group_size=-1,
+                  kl_ref=str(tmp_path / "ref"), device="cpu")
+    assert "\n" not in str(e.value)
