@@ -526,3 +526,10 @@ def test_hf_quant_kl_ref_needs_kl_out_for_quantized(kl_model, tmp_path):
         HFQuantLM(pretrained=str(kl_model), method="rtn", bits=4, group_size=-1,
                   kl_ref=str(tmp_path / "ref"), device="cpu")
     assert "\n" not in str(e.value)
+
+
+def test_tasks_filter_limits_beyond(study, tmp_path):
+    root, *_ = study
+    rep = make_report([root], tmp_path / "rep", tasks=["mc_b"])
+    assert rep.beyond.mc_tasks == ["mc_b"]
+    assert not any(k.startswith("mc_a:") for k in _rows(rep.files["csv"])[0])

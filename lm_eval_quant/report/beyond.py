@@ -186,11 +186,22 @@ def compare_items(ref: Items, q: Items, seed: int = 0, n_resamples: int = S.BOOT
     return out
 
 
-def _mc_tasks_of(row: Row) -> dict[str, str]:
-    """task -> results file, for the row's multiple-choice leaf tasks."""
+def _shown(table: Table) -> set[str]:
+    """Task names the table covers: its columns and the subtasks folded into group columns."""
+    cols = {c.task for c in table.columns}
+    out = set(cols)
+    for row in table.rows:
+        for t in row.run.tasks.values():
+            if t.is_group and t.name in cols:
+                out.update(t.subtasks)
+    return out
+
+
+def _mc_tasks_of(row: Row, shown: set[str] | None = None) -> dict[str, str]:
+    """task -> results file, for the row's multiple-choice leaf tasks (among ``shown``)."""
     out = {}
     for name, t in row.run.tasks.items():
-        if t.is_group or not t.source:
+        if t.is_group or not t.source or (shown is not None and name not in shown):
             continue
         cfg = _configs(t.source).get(name) or {}
         if cfg.get("output_type") == "multiple_choice":
@@ -198,10 +209,10 @@ def _mc_tasks_of(row: Row) -> dict[str, str]:
     return out
 
 
-def _ppl_tasks_of(row: Row) -> dict[str, str]:
+def _ppl_tasks_of(row: Row, shown: set[str] | None = None) -> dict[str, str]:
     out = {}
     for name, t in row.run.tasks.items():
-        if t.is_group or not t.source:
+        if t.is_group or not t.source or (shown is not None and name not in shown):
             continue
         cfg = _configs(t.source).get(name) or {}
         if cfg.get("output_type") in ("loglikelihood", "loglikelihood_rolling") and any(
@@ -226,8 +237,9 @@ def compute(table: Table, seed: int = 0, n_resamples: int = S.BOOTSTRAP_RESAMPLE
     bey = Beyond(seed=seed, n_resamples=n_resamples)
     no_samples: dict[str, list[str]] = {}
     mc_tasks: list[str] = []
+    shown = _shown(table)
     for i, row in enumerate(table.rows):
-        for task, src in _mc_tasks_of(row).items():
+        for task, src in _mc_tasks_of(row, shown).items():
             if task not in mc_tasks:
                 mc_tasks.append(task)
             sp = samples_path(src, task)
@@ -273,7 +285,7 @@ def compute(table: Table, seed: int = 0, n_resamples: int = S.BOOTSTRAP_RESAMPLE
                          f"(add the cell {model}__none-w16)")
     from .tokkl import tokkl_stats
 
-    tk_notes = tokkl_stats(table, bey, _ppl_tasks_of)
+    tk_notes = tokkl_stats(table, bey, lambda r: _ppl_tasks_of(r, shown))
     bey.notes.extend(tk_notes)
     return bey
 
