@@ -372,6 +372,20 @@ def test_end_to_end_known_flips(study, tmp_path):
     assert rep.files["flips_png"].stat().st_size > 1000
 
 
+def test_compare_items_mcnemar_direction():
+    from lm_eval_quant.report.beyond import Items, compare_items
+
+    def items(pred, correct):
+        n = len(pred)
+        return Items(np.arange(n), [None] * n, [S.log_softmax(np.eye(2)[p]) for p in pred],
+                     np.asarray(pred), np.asarray(correct, dtype=float), [0] * n)
+
+    st = compare_items(items([0, 0, 0, 1], [1, 1, 1, 0]), items([1, 1, 0, 1], [0, 0, 1, 0]), n_resamples=200)
+    assert (st["mcnemar_b"], st["mcnemar_c"]) == (2, 0)        # b: only fp right, c: only q right
+    assert st["mcnemar_p"] == pytest.approx(sps.binomtest(0, 2, 0.5).pvalue)
+    assert st["acc_diff"] == pytest.approx(-0.5) and st["flips"] == 0.5 and st["right_to_wrong"] == 0.5
+
+
 def test_samples_file_structure_parsed(study):
     root, gold, fp_pred, _ = study
     res = next((root / "fp").glob("results_*.json"))
@@ -440,6 +454,7 @@ def test_budget_answer_names_significance(tmp_path):
     assert f"McNemar exact p = {S.fmt_p(want)}" in rep.significance
     assert "significantly better" in rep.significance and "Runner-up: small" in rep.significance
     assert "95% CI [+0.1" in rep.significance
+    assert "(15 items only the best got right, 0 only the runner-up)" in rep.significance
     assert rep.significance in rep.files["markdown"].read_text()
 
 

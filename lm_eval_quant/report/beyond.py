@@ -179,7 +179,7 @@ def compare_items(ref: Items, q: Items, seed: int = 0, n_resamples: int = S.BOOT
     out.update(ece=e_q, brier=b_q,
                ece_delta=None if e_q is None or e_r is None else e_q - e_r,
                brier_delta=None if b_q is None or b_r is None else b_q - b_r)
-    m = S.mcnemar_exact(x.correct, r.correct)
+    m = S.mcnemar_exact(r.correct, x.correct)   # b: only the fp run right, c: only this run
     out.update(mcnemar_p=m["p"], mcnemar_b=m["b"], mcnemar_c=m["c"])
     bs = S.paired_bootstrap(x.correct, r.correct, n_resamples=n_resamples, seed=seed)
     out.update(acc_diff=bs["diff"], acc_diff_lo=bs["lo"], acc_diff_hi=bs["hi"])
