@@ -548,3 +548,15 @@ def test_tasks_filter_limits_beyond(study, tmp_path):
     rep = make_report([root], tmp_path / "rep", tasks=["mc_b"])
     assert rep.beyond.mc_tasks == ["mc_b"]
     assert not any(k.startswith("mc_a:") for k in _rows(rep.files["csv"])[0])
+
+
+def test_cli_no_beyond_and_bad_bootstrap(study, tmp_path, capsys):
+    from lm_eval_quant.report.cli import main
+
+    root, *_ = study
+    assert main([str(root), "--out", str(tmp_path / "a"), "--no-beyond", "-q"]) == 0
+    assert "mc_a:flips" not in (tmp_path / "a" / "report.csv").read_text()
+    assert not (tmp_path / "a" / "flips.png").exists()
+    assert main([str(root), "--out", str(tmp_path / "b"), "--bootstrap", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lm-eval-quant: error: report: --bootstrap must be an integer >= 100 (default 10000), got 5"]
