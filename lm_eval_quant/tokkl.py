@@ -19,9 +19,12 @@ distributions with the tail T merged into one outcome. By the
 log-sum inequality 0 ≤ KL(p‖q) − KL_k = P_T · KL(p_T/P_T ‖ q_T/Q_T): the stored form gives a
 *lower bound* that is exact when the fp model puts no mass outside its top 32, and whose gap is
 the tail mass times the KL inside the tail. The per-token P_T is stored with the KL
-(``tail_mass``) so the report shows how much mass the bound can miss (the 260K-parameter
-stories260K model, vocabulary 512, leaves 0.045 per token outside its top 32 on WikiText-2
-windows of 128 tokens). Same-top-token is exact
+(``tail_mass``) so the report shows how much mass the bound can miss. Measured on a real model
+(SmolLM2-135M, vocabulary 49,152, two WikiText-2 windows of 512 tokens, fp32 vs RTN g64): the fp
+model leaves 0.19 of its mass outside its top 32 per token on average, and the top-32 bound is
+68% of the exact mean KLD at 8 bits (0.00079 vs 0.00115 nats) and 77% at 3 bits (1.006 vs 1.309);
+p99 84% and 98%. So read KLD figures as lower bounds that rank precisions correctly, not as
+llama.cpp's exact full-vocabulary numbers (llama.cpp stores every logit). Same-top-token is exact
 (the fp top-1 is stored).
 
 **Matching tokens.** Requests are matched by content, not order: each loglikelihood request of a
