@@ -91,10 +91,14 @@ _CFG_CACHE: dict[str, dict] = {}
 
 
 def _configs(results_path: str) -> dict:
-    if results_path not in _CFG_CACHE:
+    try:
+        key = f"{results_path}|{Path(results_path).stat().st_mtime_ns}"
+    except OSError:
+        return {}
+    if key not in _CFG_CACHE:
         d = load_results_file(Path(results_path)) or {}
-        _CFG_CACHE[results_path] = d.get("configs") or {}
-    return _CFG_CACHE[results_path]
+        _CFG_CACHE[key] = d.get("configs") or {}
+    return _CFG_CACHE[key]
 
 
 def _is_unquantized(row: Row) -> bool:
