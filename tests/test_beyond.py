@@ -541,6 +541,9 @@ def test_hf_quant_kl_ref_needs_kl_out_for_quantized(kl_model, tmp_path):
         HFQuantLM(pretrained=str(kl_model), method="rtn", bits=4, group_size=-1,
                   kl_ref=str(tmp_path / "ref"), device="cpu")
     assert "\n" not in str(e.value)
+    with pytest.raises(QuantArgError, match=r"kl_topk=0 must be a positive integer"):
+        HFQuantLM(pretrained=str(kl_model), method="none", kl_ref=str(tmp_path / "ref"), kl_topk=0,
+                  device="cpu")
 
 
 def test_tasks_filter_limits_beyond(study, tmp_path):

@@ -4,7 +4,7 @@
         --model_args pretrained=Qwen/Qwen2.5-7B,method=gptq,bits=3,group_size=128 --tasks piqa
 
 Our arguments (method, bits, group_size, format, sym, skip, the method's options, cache,
-cache_dir, save_quantized, kl_ref, kl_out) are taken out; every other argument goes to HFLM unchanged, so
+cache_dir, save_quantized, kl_ref, kl_out, kl_topk) are taken out; every other argument goes to HFLM unchanged, so
 whatever works with `--model hf` works here. The quantization runs inside HFLM's
 `_create_model` hook right after the weights are loaded (on CPU unless a device map says
 otherwise; methods move one layer at a time to the compute device), and the bit accounting is
@@ -127,6 +127,16 @@ class HFQuantLM(HFLM):
                 kwargs["method"] = "none"
         kl_ref = kwargs.pop("kl_ref", None) or os.environ.get("LMQ_KL_REF") or None
         kl_out = kwargs.pop("kl_out", None) or os.environ.get("LMQ_KL_OUT") or None
+        kl_topk = kwargs.pop("kl_topk", None)
+        if kl_topk is not None:
+            try:
+                kl_topk = int(kl_topk)
+                if kl_topk < 1:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise QuantArgError(
+                    f"hf-quant: kl_topk={kl_topk} must be a positive integer (fp log-probs stored per "
+                    "token for token-level KL; default 32)") from None
         cfg, wrap, method = config_from_model_args(kwargs)
         if kl_ref is not None and not cfg.is_baseline and kl_out is None:
             raise QuantArgError(
@@ -156,7 +166,7 @@ class HFQuantLM(HFLM):
         if kl_ref is not None:  # token-level KL on perplexity tasks (lm_eval_quant.tokkl)
             from .. import tokkl
 
-            tokkl.install(self, kl_ref, kl_out, reference=cfg.is_baseline,
+            tokkl.install(self, kl_ref, kl_out, reference=cfg.is_baseline, k=kl_topk or tokkl.TOPK,
                           model_id=str(pretrained) if isinstance(pretrained, str) else "")
 
     # -- HFLM hook --------------------------------------------------------------------------
