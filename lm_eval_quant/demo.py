@@ -404,11 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     if budget is not None:
         _, text = budget_answer(rep.table, rep.metric, budget)
         print(text.split("\n\nEvidence:")[0])
+        if rep.significance:
+            print(rep.significance)
     done = sum(1 for c in cells if c.status in ("done", "skipped_done"))
     print(f"\n{done} of {len(cells)} cells finished ({len(failed)} failed); models {t_models:.0f} s, "
           f"sweep {t_sweep:.0f} s, total {time.time() - t0:.0f} s")
     print(f"report: {rep.files['markdown']}")
-    print(f"plots:  {rep.files['scaling_png']}\n        {rep.files['pareto_png']}")
+    print(f"plots:  {rep.files['scaling_png']}\n        {rep.files['pareto_png']}"
+          + (f"\n        {rep.files['flips_png']}" if "flips_png" in rep.files else ""))
     print(f"spec:   {out / 'demo_sweep.yaml'}  (rerun: lm-eval-quant sweep {out / 'demo_sweep.yaml'} "
           f"--out {out / 'sweep'})")
     return 0 if not failed else 1

@@ -4,7 +4,7 @@
         --model_args pretrained=Qwen/Qwen2.5-7B,method=gptq,bits=3,group_size=128 --tasks piqa
 
 Our arguments (method, bits, group_size, format, sym, skip, the method's options, cache,
-cache_dir, save_quantized) are taken out; every other argument goes to HFLM unchanged, so
+cache_dir, save_quantized, kl_ref, kl_out, kl_topk) are taken out; every other argument goes to HFLM unchanged, so
 whatever works with `--model hf` works here. The quantization runs inside HFLM's
 `_create_model` hook right after the weights are loaded (on CPU unless a device map says
 otherwise; methods move one layer at a time to the compute device), and the bit accounting is
@@ -164,6 +164,24 @@ def warn_unmatched_skip(model, cfg) -> None:
             log.warning(msg)
 
 
+def pop_kl_args(kwargs: dict) -> tuple[Any, Any, int | None]:
+    """(kl_ref, kl_out, kl_topk) taken out of `kwargs`: token-level KL on perplexity tasks
+    (:mod:`lm_eval_quant.tokkl`); the environment's LMQ_KL_REF / LMQ_KL_OUT fill them in."""
+    kl_ref = kwargs.pop("kl_ref", None) or os.environ.get("LMQ_KL_REF") or None
+    kl_out = kwargs.pop("kl_out", None) or os.environ.get("LMQ_KL_OUT") or None
+    kl_topk = kwargs.pop("kl_topk", None)
+    if kl_topk is not None:
+        try:
+            kl_topk = int(kl_topk)
+            if kl_topk < 1:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise QuantArgError(
+                f"hf-quant: kl_topk={kl_topk} must be a positive integer (fp log-probs stored per "
+                "token for token-level KL; default 32)") from None
+    return kl_ref, kl_out, kl_topk
+
+
 def preflight(pretrained: Any, kwargs: dict, warn: bool = True) -> tuple[Any, dict, Any]:
     """Everything checked before any weights are read; pops our keys out of `kwargs` (the rest is
     HFLM's) and returns (QuantConfig, wrapper args, method). Raises QuantArgError (one line)."""
@@ -232,6 +250,7 @@ def precheck_command_line(argv: list[str]) -> None:
     kwargs = split_model_args(raw, where="hf-quant", typed=True)
     if device and "device" not in kwargs:
         kwargs["device"] = device
+    pop_kl_args(kwargs)
     preflight(kwargs.pop("pretrained", None), kwargs, warn=False)
 
 
@@ -255,7 +274,12 @@ class HFQuantLM(HFLM):
             raise
 
     def _lmq_init(self, pretrained: Any = None, **kwargs: Any) -> None:
+        kl_ref, kl_out, kl_topk = pop_kl_args(kwargs)
         cfg, wrap, method = preflight(pretrained, kwargs)
+        if kl_ref is not None and not cfg.is_baseline and kl_out is None:
+            raise QuantArgError(
+                "hf-quant: kl_ref=DIR on a quantized model also needs kl_out=DIR (where "
+                "tokkl_<task>.npz goes: the folder of this run's results, for the report)")
         self._lmq_cfg = cfg
         self._lmq_method = method
         self._lmq_wrap = wrap
@@ -279,6 +303,11 @@ class HFQuantLM(HFLM):
             if not cfg.is_baseline:
                 warn_unmatched_skip(self._model, cfg)
             self._lmq_apply(self._model, model_id=None)
+        if kl_ref is not None:  # token-level KL on perplexity tasks (lm_eval_quant.tokkl)
+            from .. import tokkl
+
+            tokkl.install(self, kl_ref, kl_out, reference=cfg.is_baseline, k=kl_topk or tokkl.TOPK,
+                          model_id=str(pretrained) if isinstance(pretrained, str) else "")
 
     # -- HFLM hook --------------------------------------------------------------------------
     def _create_model(self, pretrained: str, *args: Any, **kwargs: Any) -> None:

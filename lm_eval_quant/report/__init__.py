@@ -10,7 +10,10 @@ Python API::
 
 Modules: ``collect`` (find and read results files, one Run per model × precision), ``table``
 (metric choice, categories, means, markdown/CSV), ``plots`` (scaling and Pareto PNGs, budget
-answer), ``cli`` (``main(argv) -> int``). Nothing here imports torch or lm_eval.
+answer), ``samples`` (lm-eval's ``--log_samples`` files), ``stats`` (flips, KL, ECE, Brier,
+McNemar, paired bootstrap), ``beyond`` (those against each model's full-precision run, the
+budget answer's significance, the flips plot), ``tokkl`` (token-level KL files of perplexity
+tasks), ``cli`` (``main(argv) -> int``). Nothing here imports torch or lm_eval.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class Report:
     budget_gb: float | None = None
     scaling_points: list = field(default_factory=list)
     pareto_points: list = field(default_factory=list)
+    flips_points: list = field(default_factory=list)
+    beyond: object = None          # beyond.Beyond (None with beyond=False)
+    significance: str = ""         # the budget answer's best-vs-runner-up sentence
     markdown: str = ""
 
 
@@ -66,9 +72,13 @@ def budget_answer(table: Table, metric: str, budget_gb: float) -> tuple[Row | No
 def make_report(paths, out_dir, metric: str | None = None, budget_gb: float | None = None,
                 task_metric: dict | None = None, families: dict | None = None,
                 tasks: list | None = None, leaves: bool = False, plots: bool = True,
-                title: str | None = None) -> Report:
+                title: str | None = None, beyond: bool = True, bootstrap_resamples: int = 10_000,
+                seed: int = 0) -> Report:
     """Collect results under ``paths`` and write report.md, report.csv, scaling.png/.csv and
-    pareto.png/.csv into ``out_dir``. Bad arguments raise QuantArgError (one line) before any
+    pareto.png/.csv into ``out_dir``; with ``beyond`` (default) also the statistics against each
+    model's full-precision run from the runs' per-sample logs (flips, KL, ECE, Brier, McNemar,
+    bootstrap CI; ``flips.png``/``flips_points.csv``, ``beyond.json``) and the budget answer's
+    significance against the runner-up. Bad arguments raise QuantArgError (one line) before any
     file is written."""
     paths = list(paths)
     runs = collect(paths)
@@ -81,9 +91,19 @@ def make_report(paths, out_dir, metric: str | None = None, budget_gb: float | No
         from lm_eval_quant.errors import QuantArgError
 
         raise QuantArgError(f"report: --budget-gb must be a positive number of GB, got {budget_gb}")
+    if beyond and not (isinstance(bootstrap_resamples, int) and bootstrap_resamples >= 100):
+        from lm_eval_quant.errors import QuantArgError
+
+        raise QuantArgError(f"report: --bootstrap must be an integer >= 100 (default 10000), got {bootstrap_resamples}")
+    bey = None
+    if beyond:
+        from . import beyond as B
+
+        bey = B.compute(table, seed=seed, n_resamples=bootstrap_resamples)
+        table.notes.extend(bey.notes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rep = Report(table=table, metric=m, budget_gb=budget_gb)
+    rep = Report(table=table, metric=m, budget_gb=budget_gb, beyond=bey)
     md = to_markdown(table)
     parts = [f"# {title or 'lm-eval-quant report'}\n",
              f"{len(table.rows)} run(s) from {sum(len(r.run.files) for r in table.rows)} "
@@ -97,7 +117,21 @@ def make_report(paths, out_dir, metric: str | None = None, budget_gb: float | No
     parts.append("\n" + md)
     if budget_gb is not None:
         rep.best, text = budget_answer(table, m, budget_gb)
+        if rep.best is not None and bey is not None:
+            rep.significance = B.budget_significance(table, bey, m, rep.best, budget_gb)
+            text = text.rstrip("\n") + "\n\n" + rep.significance + "\n"
         parts.append("\n## Memory budget\n\n" + text)
+    if bey is not None and bey.stats:
+        parts.append("\n## Beyond accuracy (against each model's full-precision run)\n\n"
+                     "From the runs' per-sample logs: `flips` = fraction of items whose chosen answer "
+                     "changed vs the fp reference (r→w: right to wrong, w→r: wrong to right); KL = "
+                     "KL(p_fp ‖ p_q) over the softmax of the choices' scores (the scores the task's "
+                     "metric ranks by: log-likelihood for acc, per-character for acc_norm), nats; ECE "
+                     "(15 bins) and Brier of the run itself, Δ vs fp on the same items; McNemar exact "
+                     f"test and paired bootstrap 95% CI ({bootstrap_resamples} resamples, seed {seed}) "
+                     "of the accuracy difference. Perplexity tasks: token-level KLD against the fp "
+                     "model's stored top-32 log-probabilities (a lower bound; see docs/report.md).\n\n"
+                     + B.to_markdown(table, bey))
     if plots:
         rep.scaling_points = plot_scaling(table, m, out / "scaling.png", title=title)
         rep.pareto_points = plot_pareto(table, m, out / "pareto.png", budget_gb=budget_gb)
@@ -105,10 +139,21 @@ def make_report(paths, out_dir, metric: str | None = None, budget_gb: float | No
         rep.files["pareto_png"] = out / "pareto.png"
         rep.files["scaling_csv"] = write_points_csv(rep.scaling_points, out / "scaling_points.csv")
         rep.files["pareto_csv"] = write_points_csv(rep.pareto_points, out / "pareto_points.csv")
-        parts.append("\n## Plots\n\n![scaling](scaling.png)\n\n![pareto](pareto.png)\n")
+        plots_md = "\n## Plots\n\n![scaling](scaling.png)\n\n![pareto](pareto.png)\n"
+        if bey is not None:
+            rep.flips_points = B.plot_flips(table, bey, out / "flips.png")
+            if rep.flips_points:
+                rep.files["flips_png"] = out / "flips.png"
+                rep.files["flips_csv"] = B.write_csv(rep.flips_points, out / "flips_points.csv")
+                plots_md += "\n![accuracy vs flips](flips.png)\n"
+        parts.append(plots_md)
     rep.markdown = "\n".join(parts)
     (out / "report.md").write_text(rep.markdown, encoding="utf-8")
-    (out / "report.csv").write_text(to_csv(table), encoding="utf-8")
+    extra = B.csv_columns(table, bey) if bey is not None and bey.stats else None
+    (out / "report.csv").write_text(to_csv(table, extra), encoding="utf-8")
+    if bey is not None and bey.stats:
+        (out / "beyond.json").write_text(B.to_json(table, bey), encoding="utf-8")
+        rep.files["beyond_json"] = out / "beyond.json"
     rep.files["markdown"] = out / "report.md"
     rep.files["csv"] = out / "report.csv"
     return rep

@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leaves", action="store_true",
                    help="show the subtasks of groups instead of the group's aggregate")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--no-beyond", action="store_true",
+                   help="skip the statistics against each model's full-precision run (flips, KL, "
+                        "ECE/Brier, McNemar, bootstrap CI) read from the runs' --log_samples files")
+    p.add_argument("--bootstrap", type=int, default=10_000, metavar="N",
+                   help="paired bootstrap resamples for the accuracy-difference CIs (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--title", default=None)
     p.add_argument("--quiet", "-q", action="store_true", help="do not print the table")
     return p
@@ -67,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             families=_pairs(args.family, "--family"),
             tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
             leaves=args.leaves, plots=not args.no_plots, title=args.title,
+            beyond=not args.no_beyond, bootstrap_resamples=args.bootstrap, seed=args.seed,
         )
     except QuantArgError as e:
         print(f"lm-eval-quant: error: {e}", file=sys.stderr)
@@ -87,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
         _, text = budget_answer(rep.table, rep.metric, args.budget_gb)
         print(text)
+        if rep.significance:
+            print(rep.significance)
     print(f"report: {rep.files['markdown']}  table: {rep.files['csv']}")
     if "scaling_png" in rep.files:
         print(f"plots: {rep.files['scaling_png']}  {rep.files['pareto_png']}")

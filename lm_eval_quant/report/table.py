@@ -492,10 +492,11 @@ def to_markdown(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def csv_records(table: Table) -> list[dict]:
-    """One dict per row, full precision: what report.csv holds."""
+def csv_records(table: Table, extra: list[dict] | None = None) -> list[dict]:
+    """One dict per row, full precision: what report.csv holds. ``extra`` (one dict per row, in
+    table order) adds columns before ``source`` (the beyond-accuracy statistics)."""
     out = []
-    for row in table.rows:
+    for k, row in enumerate(table.rows):
         rec = row.fields()
         for c in table.columns:
             rec[f"{c.task}:{c.metric}"] = row.values.get(c.task)
@@ -504,13 +505,15 @@ def csv_records(table: Table) -> list[dict]:
             rec["mean"] = row.means.get("mean")
         for cat in table.category_tasks:
             rec[f"{cat}_mean"] = row.means.get(cat)
+        if extra:
+            rec.update(extra[k])
         rec["source"] = ";".join(row.run.files)
         out.append(rec)
     return out
 
 
-def to_csv(table: Table) -> str:
-    recs = csv_records(table)
+def to_csv(table: Table, extra: list[dict] | None = None) -> str:
+    recs = csv_records(table, extra)
     buf = io.StringIO()
     if not recs:
         return ""

@@ -157,7 +157,14 @@ def run_cell(cell_dir: Path) -> int:
         import torch
 
         kw["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    log_samples = bool(harness.get("log_samples", False))
+    log_samples = bool(harness.get("log_samples", True))
+    if harness.get("token_kl", True) and cfg.get("lm_eval_model", "hf-quant") == "hf-quant":
+        # fp top-k reference shared by the model's cells: OUT/kl_ref/<model>/<task>.topk.npz
+        # (written by the unquantized cell, which runs first); quantized cells write
+        # tokkl_<task>.npz into tmp, moved beside the results below (lm_eval_quant.tokkl)
+        model_name = str((cfg.get("labels") or {}).get("model") or "model")
+        os.environ["LMQ_KL_REF"] = str(cell_dir.parent.parent / "kl_ref" / model_name)
+        os.environ["LMQ_KL_OUT"] = str(tmp / "tokkl")
     results = simple_evaluate(
         model=cfg["lm_eval_model"],
         model_args=cfg["model_args"],
@@ -191,6 +198,11 @@ def run_cell(cell_dir: Path) -> int:
     for p in written:
         if p not in res_files:
             os.replace(p, cell_dir / p.name)
+    stamp = res_files[0].name[len("results_"):-len(".json")]
+    for p in sorted((tmp / "tokkl").glob("tokkl_*.npz")):
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(p, cell_dir / f"{p.stem}_{stamp}.npz")
     final = cell_dir / res_files[0].name
     os.replace(res_files[0], final)
     fsync_dir(cell_dir)

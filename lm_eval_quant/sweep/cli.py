@@ -77,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--include-defaults", "--include_defaults", dest="include_defaults",
                    choices=["auto", "true", "false"], help="index lm-eval's built-in tasks (auto: only if needed)")
     h.add_argument("--gen-kwargs", "--gen_kwargs", dest="gen_kwargs")
-    h.add_argument("--log-samples", "--log_samples", dest="log_samples", action="store_true", default=None)
+    h.add_argument("--log-samples", "--log_samples", dest="log_samples", action="store_true", default=None,
+                   help="keep per-sample logs (the default; the report's flips/KL/significance need them)")
+    h.add_argument("--no-log-samples", "--no_log_samples", dest="log_samples", action="store_false",
+                   help="do not write samples_<task>_<ts>.jsonl (the report's beyond-accuracy columns stay empty)")
+    h.add_argument("--no-token-kl", "--no_token_kl", dest="token_kl", action="store_false", default=None,
+                   help="do not store the fp top-32 reference / token-level KL on perplexity tasks")
     h.add_argument("--seed", type=int)
     h.add_argument("--metadata", help="JSON object of task metadata (like lm_eval --metadata)")
     h.add_argument("--cell-timeout", "--cell_timeout", dest="cell_timeout", type=float,
@@ -135,7 +140,7 @@ def spec_from_args(a) -> "object":
     if a.method_args:
         _apply_method_args(d, a.method_args)
     for k in ("limit", "batch_size", "max_batch_size", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn",
-              "system_instruction", "device", "gen_kwargs", "log_samples", "seed", "cell_timeout",
+              "system_instruction", "device", "gen_kwargs", "log_samples", "token_kl", "seed", "cell_timeout",
               "include_defaults"):
         v = getattr(a, k)
         if v is None:

@@ -44,6 +44,7 @@ HARNESS_OPTIONS: dict[str, tuple] = {
     "device": ((str, type(None)),),
     "gen_kwargs": ((str, dict, type(None)),),
     "log_samples": ((bool,),),
+    "token_kl": ((bool,),),
     "bootstrap_iters": ((int,),),
     "seed": ((int, list),),
     "include_path": ((str, list, type(None)),),
@@ -58,10 +59,14 @@ HARNESS_DEFAULTS: dict[str, Any] = {
     "apply_chat_template": False,
     "include_path": [],
     "include_defaults": "auto",
-    "log_samples": False,
+    # per-sample logs (samples_<task>_<ts>.jsonl): the report's flips/KL/calibration/significance
+    "log_samples": True,
+    # fp top-k reference per model + token-level KL of quantized cells on perplexity tasks
+    "token_kl": True,
 }
 # Options that change how a cell runs but not its numbers: not part of the cell key.
-_NOT_KEYED = {"cell_timeout", "include_defaults", "batch_size", "max_batch_size"}
+_NOT_KEYED = {"cell_timeout", "include_defaults", "batch_size", "max_batch_size", "log_samples",
+              "token_kl"}
 
 TOP_KEYS = {
     "name", "models", "methods", "bits", "group_sizes", "formats", "sym", "tasks",
@@ -469,6 +474,10 @@ class SweepSpec:
                         continue
                     seen.add(ident)
                     out.append(cell)
+        # Each model's unquantized cell first: quantized cells compare against what it stores
+        # (token-level KL reference), so it must exist before they run.
+        order = {id(m): k for k, m in enumerate(self.models)}
+        out.sort(key=lambda c: (order.get(id(c.model), 0), c.method != "none"))
         # Distinct configs that map to the same folder name get a key suffix.
         names = [c.name for c in out]
         for c in out:
