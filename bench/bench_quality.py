@@ -19,6 +19,7 @@ Methods (``--methods``):
   gptq               ours, house defaults (damp 0.01, block 128, true_sequential, no act_order)
   gptq-plain         ours with token_cap=0: the reference's plain Hessian (what 0.1 shipped)
   gptq-ao            ours with act_order=true
+  gptq-d05           ours with damp=0.05 (GPTQModel's default dampening)
   gptqmodel          GPTQModel with OUR settings matched: damp 0.01, desc_act off, act_group_aware off
   gptqmodel-defaults GPTQModel with its own defaults (damp 0.05, act_group_aware on)
   awq                ours, house defaults (loss=module, grid 20, clip search)
@@ -49,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-METHODS = ["fp", "rtn", "gptq", "gptq-plain", "gptq-ao", "gptqmodel", "gptqmodel-defaults", "awq", "awq-linear", "awq-oracle"]
+METHODS = ["fp", "rtn", "gptq", "gptq-plain", "gptq-ao", "gptq-d05", "gptqmodel", "gptqmodel-defaults", "awq", "awq-linear", "awq-oracle"]
 
 
 def models_root() -> Path:
@@ -273,6 +274,8 @@ def worker(job: dict) -> dict:
                     opts["act_order"] = True
                 if meth == "awq-linear":
                     opts["loss"] = "linear"
+                if meth == "gptq-d05":
+                    opts["damp"] = 0.05
                 if meth == "gptq-plain":
                     opts["token_cap"] = 0.0
                 if name in ("gptq", "awq"):

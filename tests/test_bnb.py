@@ -335,6 +335,7 @@ def test_end_to_end_simple_evaluate(tiny, toy_task, extra, bpw):
 
 
 @needs_wrapper
+@pytest.mark.slow
 def test_cli_lm_eval_hf_quant_nf4_results_json(tiny, toy_task, tmp_path):
     """`lm-eval-quant --model hf-quant ...` (the stock lm_eval CLI with hf-quant registered):
     the results file written by lm-eval carries the bnb config and the exact bits. (One-line

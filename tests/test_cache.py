@@ -404,6 +404,7 @@ def _spawn(tmp_path, model_dir, cache_dir, tag, env_extra=None):
     return p, out
 
 
+@pytest.mark.slow
 def test_two_concurrent_writers(model_dir, tmp_path):
     cache_dir = tmp_path / "cache"
     procs = [_spawn(tmp_path, model_dir, cache_dir, t, {"WORKER_SLOW": "3"}) for t in ("a", "b")]
@@ -424,6 +425,7 @@ def test_two_concurrent_writers(model_dir, tmp_path):
     assert not list((cache_dir / "tmp").glob("*.*.*")) if (cache_dir / "tmp").exists() else True
 
 
+@pytest.mark.slow
 def test_interrupted_write_leaves_no_entry(model_dir, tmp_path):
     cache_dir = tmp_path / "cache"
     p, out = _spawn(tmp_path, model_dir, cache_dir, "k", {qc._PAUSE_ENV: "120"})

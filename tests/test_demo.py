@@ -88,6 +88,7 @@ def test_bad_arguments_one_line(tmp_path, capsys, args, msg):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_demo_smoke(tmp_path, capsys, monkeypatch):
     """One tiny model trained for a few steps, unquantized and RTN 4-bit, 12 questions."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds wheels into throw-away venvs: minutes
+
 REPO = Path(__file__).resolve().parents[1]
 PTH = "lm_eval_quant_startup.pth"
 EP_VALUE = "lm_eval_quant.models.hf_quant:HFQuantLM"

@@ -134,6 +134,7 @@ def test_quantized_differs_from_baseline(tiny_llama, toy_task_dir):
     assert a["config"]["quantization"]["bits_per_quantized_weight"] == pytest.approx(2 + 32 * rows / n)
 
 
+@pytest.mark.slow
 def test_stock_cli_bad_argument_is_one_line(tiny_llama, toy_task_dir):
     """Through the stock `lm_eval` program: one line on stderr, exit 2, no traceback."""
     code = (

@@ -187,6 +187,7 @@ def test_missing_tokenizer_is_one_line(data_dir, monkeypatch):
         _gptq_ppl().build_docs("wikitext2_gptq", {})
 
 
+@pytest.mark.slow
 def test_cli_merges_model_args_into_the_task(tiny, data_dir, tmp_path):
     """`lm_eval --model hf --model_args pretrained=...` alone is enough: the task reads the tokenizer."""
     env = dict(os.environ, LMQ_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")

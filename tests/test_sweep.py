@@ -272,6 +272,7 @@ def _events(out, name=None, run=None):
     return [e for e in ev if (name is None or e["event"] == name) and (run is None or e["run"] == run)]
 
 
+@pytest.mark.slow
 def test_sweep_sigkill_resume_equals_uninterrupted(world, tmp_path):
     import yaml
 

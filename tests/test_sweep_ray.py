@@ -14,6 +14,8 @@ from lm_eval_quant.sweep import load_status, read_log, run_sweep  # noqa: E402
 
 from test_sweep import TASK, env, write_task  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts a local Ray instance
+
 
 def test_ray_launcher_runs_cells_as_ray_tasks(tmp_path, monkeypatch):
     import ray

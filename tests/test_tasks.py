@@ -530,6 +530,7 @@ def _mirror_with_fixtures(tmp: Path) -> Path:
 
 
 @needs_shared
+@pytest.mark.slow
 def test_lm_eval_limit20_every_group(tm, tmp_path, monkeypatch):
     """--limit 20 on a tiny random Llama, real shared data (+ fixtures for the files it lacks).
     A task may sit in only one group per run, so: the stock `lm_eval` CLI with --include_path for
