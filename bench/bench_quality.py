@@ -19,6 +19,7 @@ Methods (``--methods``):
   gptq               ours, house defaults (damp 0.01, block 128, true_sequential, no act_order)
   gptq-plain         ours with token_cap=0: the reference's plain Hessian (what 0.1 shipped)
   gptq-ao            ours with act_order=true
+  gptq-ao-plain      ours with act_order=true and token_cap=0
   gptq-d05           ours with damp=0.05 (GPTQModel's default dampening)
   gptqmodel          GPTQModel with OUR settings matched: damp 0.01, desc_act off, act_group_aware off
   gptqmodel-defaults GPTQModel with its own defaults (damp 0.05, act_group_aware on)
@@ -50,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-METHODS = ["fp", "rtn", "gptq", "gptq-plain", "gptq-ao", "gptq-d05", "gptqmodel", "gptqmodel-defaults", "awq", "awq-linear", "awq-oracle"]
+METHODS = ["fp", "rtn", "gptq", "gptq-plain", "gptq-ao", "gptq-ao-plain", "gptq-d05", "gptqmodel", "gptqmodel-defaults", "awq", "awq-linear", "awq-oracle"]
 
 
 def models_root() -> Path:
@@ -270,14 +271,14 @@ def worker(job: dict) -> dict:
 
                 name = meth.split("-")[0]
                 opts = dict(job.get("options") or {})
-                if meth == "gptq-ao":
+                if meth.startswith("gptq-ao"):
                     opts["act_order"] = True
+                if meth.endswith("-plain"):
+                    opts["token_cap"] = 0.0
                 if meth == "awq-linear":
                     opts["loss"] = "linear"
                 if meth == "gptq-d05":
                     opts["damp"] = 0.05
-                if meth == "gptq-plain":
-                    opts["token_cap"] = 0.0
                 if name in ("gptq", "awq"):
                     opts.update(calib="c4", nsamples=job["nsamples"], seqlen=job["seqlen"])
                     for mod in (gptq_mod, awq_mod):  # the very same windows as every other job
