@@ -52,6 +52,7 @@ def account(
         block = in_f if cfg.group_size == -1 else cfg.group_size
         n = out_f * in_f
         b = n * cfg.bits + (n // block) * fmt.stat_bits
+        b += getattr(fmt, "tensor_stat_bits", 0)  # issue 12: NVFP4's fp32 per-tensor scale
         b += int((extra_bits or {}).get(name, 0))
         params_q += n
         bits_q += b

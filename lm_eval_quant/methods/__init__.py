@@ -10,6 +10,8 @@ import importlib
 from typing import Any
 
 from ..errors import QuantArgError
+from ..formats.mx import canonical_block_format, check_block_args, is_block_kind  # issue 12
+from ..formats.mx import format_bits as block_format_bits
 from .base import (
     MAX_BITS,
     MIN_BITS,
@@ -73,6 +75,14 @@ def all_option_names() -> dict[str, str]:
 CORE_KEYS = ("method", "bits", "group_size", "format", "sym", "skip")
 
 
+def _block_name(format: Any, bits: int | None) -> str:
+    """Canonical block-format name, or the one-line error (issue 12)."""
+    try:
+        return canonical_block_format(str(format), bits)
+    except ValueError as e:
+        raise QuantArgError(f"hf-quant: {e}") from None
+
+
 def build_config(
     method: Any = None,
     bits: Any = None,
@@ -90,8 +100,10 @@ def build_config(
     """
     mname = "rtn" if method is None else str(method).strip().lower()
     m = get_method(mname)
+    # issue 12: fp8 / MX / NVFP4 block formats fix their element width and block length
+    block_fmt = format is not None and mname not in ("none", "bnb") and is_block_kind(str(format))
     if bits is None:
-        nbits = 16 if mname == "none" else 4
+        nbits = 16 if mname == "none" else (block_format_bits(_block_name(format, None)) if block_fmt else 4)
     else:
         nbits = parse_int("bits", bits)
     if mname == "none" and nbits != 16:
@@ -105,6 +117,10 @@ def build_config(
             f"precision), got bits={bits}"
         )
     gs = 128 if group_size is None else parse_int("group_size", group_size)
+    if block_fmt and nbits != 16:  # issue 12: the block is the format's (MX 32, NVFP4 16, fp8 any)
+        gs = check_block_args(
+            _block_name(format, nbits), None if group_size is None else gs, sym is not None, mname
+        )
     if gs != -1 and gs <= 0:
         raise QuantArgError(
             f"hf-quant: group_size must be -1 (per output channel) or a positive integer, got {group_size}"
@@ -130,6 +146,8 @@ def build_config(
 
     if nbits == 16 or mname == "none":
         return QuantConfig(method="none", bits=16, group_size=gs, format="none", sym=False, skip=sk)
+    if block_fmt:
+        sy = True  # issue 12: block formats are symmetric (sign-magnitude) by construction
     cfg = QuantConfig(method=mname, bits=nbits, group_size=gs, format=fmt, sym=sy, skip=sk, options=opts)
     cfg.format = m.check_format(cfg)
     m.validate(cfg)
