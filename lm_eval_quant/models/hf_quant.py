@@ -27,6 +27,14 @@ from lm_eval.models.huggingface import HFLM
 from .. import __version__, prequant
 from ..errors import QuantArgError
 from ..methods import CORE_KEYS, QuantContext, QuantReport, build_config, get_method
+from ..methods.actquant import (  # issue 12
+    act_info,
+    check_act_shapes,
+    install_act_quant,
+    parse_act_args,
+    pop_act_args,
+    scheme_label,
+)
 from ..methods.base import check_group_size, quantizable_linears
 
 log = logging.getLogger("lm_eval_quant")
@@ -93,6 +101,22 @@ def _precheck_shapes(pretrained: str, cfg, trust_remote_code: bool, revision: st
     check_group_size(quantizable_linears(meta, cfg.skip), cfg.group_size)
 
 
+def _precheck_act_shapes(pretrained: str, cfg, act, trust_remote_code: bool, revision: str | None) -> None:
+    """issue 12: the activation block must divide the linears' input widths (meta model, no weights)."""
+    if act.group_size in (-1, 0):
+        return
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        conf = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code, revision=revision)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(conf, trust_remote_code=trust_remote_code)
+    except Exception as e:  # pragma: no cover - checked after loading instead
+        log.debug("activation shape pre-check skipped: %s", e)
+        return
+    check_act_shapes(quantizable_linears(meta, cfg.skip), act)
+
+
 class HFQuantLM(HFLM):
     """HFLM whose model is quantized on the fly. See the module docstring."""
 
@@ -125,7 +149,15 @@ class HFQuantLM(HFLM):
             )
             if qc and asked is None:
                 kwargs["method"] = "none"
+        # ---- issue 12: weight-activation quantization (act_bits, act_format, act_group_size) ----
+        act_args = pop_act_args(kwargs)
         cfg, wrap, method = config_from_model_args(kwargs)
+        self._lmq_act = parse_act_args(**act_args, method=cfg.method)
+        if self._lmq_act is not None and isinstance(pretrained, str):
+            _precheck_act_shapes(pretrained, cfg, self._lmq_act, bool(kwargs.get("trust_remote_code", False)),
+                                 kwargs.get("revision", "main"))
+        self._lmq_act_linears = 0
+        # ---- end issue 12 ----
         self._lmq_cfg = cfg
         self._lmq_method = method
         self._lmq_wrap = wrap
@@ -192,6 +224,7 @@ class HFQuantLM(HFLM):
             self._lmq_accounting = prequant.account_prequantized(model, cfg)
         if self._lmq_accounting is None:
             self._lmq_accounting = method.accounting(model, cfg, report)
+        self._lmq_install_act(model, report)  # issue 12
         save = self._lmq_wrap.get("save_quantized")
         if save:
             from ..export import save_quantized
@@ -215,6 +248,29 @@ class HFQuantLM(HFLM):
         )
         return report
 
+    # -- issue 12: activation fake-quant ------------------------------------------------------
+    def _lmq_install_act(self, model, report) -> None:
+        act = getattr(self, "_lmq_act", None)
+        if act is None:
+            return
+        cfg = self._lmq_cfg
+        names = list(report.quantized) if not cfg.is_baseline else [n for n, _ in quantizable_linears(model, cfg.skip)]
+        mods = dict(model.named_modules())
+        check_act_shapes([(n, mods[n]) for n in names], act)
+        install_act_quant(model, names, act)
+        self._lmq_act_linears = len(names)
+
+    def _lmq_act_info(self, acc: dict) -> None:
+        act = getattr(self, "_lmq_act", None)
+        acc["scheme"] = scheme_label(self._lmq_cfg, act)
+        acc["activations"] = act_info(act, getattr(self, "_lmq_act_linears", 0))
+        if act is not None and isinstance(acc.get("quant_config"), dict):
+            # in the options too, so reports and caches of results tell W4A16 and W4A8 rows apart
+            qc = dict(acc["quant_config"])
+            qc["options"] = {**(qc.get("options") or {}), "act_bits": act.bits, "act_format": act.format,
+                             "act_group_size": act.group_size}
+            acc["quant_config"] = qc
+
     # -- reporting ----------------------------------------------------------------------------
     def get_model_info(self) -> dict:
         info = super().get_model_info()
@@ -229,6 +285,7 @@ class HFQuantLM(HFLM):
             if extra:
                 acc["method_report"] = json.loads(json.dumps(extra, default=str))
         acc.setdefault("lm_eval_quant_version", __version__)
+        self._lmq_act_info(acc)  # issue 12
         return acc
 
 
