@@ -151,7 +151,19 @@ class HFQuantLM(HFLM):
                 kwargs["method"] = "none"
         # ---- issue 12: weight-activation quantization (act_bits, act_format, act_group_size) ----
         act_args = pop_act_args(kwargs)
+        smooth = kwargs.pop("smooth", None)
+        if str(kwargs.get("method") or "").strip().lower() == "smoothquant":
+            # the paper's recipe by default: W8A8, int8 symmetric per-channel weights, per-token activations
+            kwargs.setdefault("bits", 8)
+            kwargs.setdefault("group_size", -1)
+            kwargs.setdefault("sym", True)
+            if not act_args:
+                act_args = {"act_bits": kwargs["bits"]}
         cfg, wrap, method = config_from_model_args(kwargs)
+        if smooth is not None:
+            from ..methods.smoothquant import with_smoothing
+
+            cfg, method = with_smoothing(cfg, method, smooth)
         self._lmq_act = parse_act_args(**act_args, method=cfg.method)
         if self._lmq_act is not None and isinstance(pretrained, str):
             _precheck_act_shapes(pretrained, cfg, self._lmq_act, bool(kwargs.get("trust_remote_code", False)),
