@@ -138,6 +138,18 @@ def test_hooks_quantize_every_linear_input(tiny_llama):
     xq = fake_quant_act(seen["x"], ActSpec(8, "int", -1))
     assert not torch.equal(xq, seen["x"])
     assert torch.allclose(seen["y"], torch.nn.functional.linear(xq, mod.weight), rtol=0, atol=1e-5)
+    # q/k/v (and gate/up) read one tensor: it is quantized once per forward, 4 calls per layer
+    import lm_eval_quant.methods.actquant as aq
+
+    calls = []
+    orig = aq.fake_quant_act
+    aq.fake_quant_act = lambda x, spec: calls.append(1) or orig(x, spec)
+    try:
+        again = _logits(lm, ids)
+    finally:
+        aq.fake_quant_act = orig
+    assert len(calls) == 2 * 4
+    assert torch.equal(again, _logits(lm, ids))
     # the same weights without activation quant give other logits; W16A8 changes the baseline
     lw = _get_lm(pretrained=str(tiny_llama), method="rtn", bits=8, group_size=-1, cache=False)
     assert lw.get_model_info()["quantization"]["scheme"] == "W8A16"

@@ -251,3 +251,23 @@ def test_lying_arguments_are_one_line(kw, needle):
     with pytest.raises(QuantArgError) as e:
         build_config(**kw)
     assert "\n" not in str(e.value) and needle in str(e.value)
+
+
+@pytest.mark.parametrize("name", list(ELEMS))
+def test_fast_rounding_equals_the_reference(name):
+    """round_elem (native fp8 casts / float32 bit rounding) == round_elem_reference (frexp
+    arithmetic) on every exact midpoint of the grid (the ties), the grid itself, ±inf, the
+    saturation range and 200k log-uniform values."""
+    from lm_eval_quant.formats.mx import round_elem_reference
+
+    el = ELEMS[name]
+    v = elem_values(name)
+    v = v[~v.isnan()].unique()
+    mids = (v[1:] + v[:-1]) / 2
+    g = torch.Generator().manual_seed(0)
+    rnd = torch.randn(200_000, generator=g) * torch.logspace(-8, 6, 200_000)
+    x = torch.cat([v, mids, torch.nextafter(mids, torch.full_like(mids, float("inf"))), rnd,
+                   torch.tensor([float("inf"), -float("inf"), 1.01 * el.max, -3 * el.max])])
+    a, b = round_elem(x, el), round_elem_reference(x, el)
+    assert torch.equal(a, b)
+    assert torch.equal(torch.signbit(a[a == 0]), torch.signbit(b[b == 0]))

@@ -79,8 +79,9 @@ ELEMS = {
 }
 
 
-def round_elem(x: torch.Tensor, elem: Elem) -> torch.Tensor:
-    """Round float32 `x` to the nearest value of `elem` (ties to even), saturating at ±elem.max.
+def round_elem_reference(x: torch.Tensor, elem: Elem) -> torch.Tensor:
+    """Round float32 `x` to the nearest value of `elem` (ties to even), saturating at ±elem.max —
+    the plain arithmetic definition (kept as the reference :func:`round_elem` is tested against).
 
     For a float element: the quantum of |x| is 2^(max(floor(log2|x|), emin) − mbits) (subnormals
     share the smallest normal binade's quantum), |x| / quantum is exact (a power of two), and
@@ -97,6 +98,25 @@ def round_elem(x: torch.Tensor, elem: Elem) -> torch.Tensor:
         q = torch.round(a / quantum) * quantum
     q = q.clamp(max=elem.max)  # saturate (also maps inf to max)
     return torch.copysign(q, x)
+
+
+def round_elem(x: torch.Tensor, elem: Elem) -> torch.Tensor:
+    """Round float32 `x` to the nearest value of `elem` (ties to even), saturating at ±elem.max.
+
+    Same result as :func:`round_elem_reference` (tested on every tie of every grid), in a few cheap
+    vectorised passes: the quantum 2^(max(floor(log2|x|), emin) − mbits) is built directly as a
+    float32 bit pattern (the exponent field of max(|x|, 2^emin), lowered by mbits, mantissa zero),
+    then ``round(x / quantum) · quantum`` (exact divisions by powers of two; ``round`` is RNE; a
+    carry into the next binade is exact) and one clamp. No frexp/ldexp, no ``where``, no scalar
+    fp8 casts (torch's CPU float8 conversion is several times slower).
+    """
+    x = x.float()
+    if elem.is_int:
+        k = 2.0**elem.mbits
+        return torch.round(x * k).div_(k).clamp_(-elem.max, elem.max)
+    a = x.abs().clamp_(min=2.0**elem.emin)
+    q = (a.view(torch.int32).bitwise_and_(0x7F800000).sub_(elem.mbits << 23)).view(torch.float32)
+    return torch.round(x / q).mul_(q).clamp_(-elem.max, elem.max)
 
 
 @lru_cache(maxsize=None)
@@ -322,6 +342,7 @@ __all__ = [
     "Elem",
     "ELEMS",
     "round_elem",
+    "round_elem_reference",
     "elem_values",
     "encode_elem",
     "e8m0_scale",

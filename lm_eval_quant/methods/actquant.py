@@ -80,15 +80,28 @@ def check_act_shapes(linears: list[tuple[str, nn.Module]], act: ActSpec) -> None
 
 
 class _ActHook:
-    __slots__ = ("spec",)
+    """One instance serves every hooked linear of a model. Linears that read the very same tensor
+    (q/k/v after one norm; gate/up) get one quantization of it: the last input and its quantized
+    copy are kept, and a call with that same tensor object reuses the copy (the quantizer is a
+    pure function of the tensor, so the result is identical)."""
+
+    __slots__ = ("spec", "_last_in", "_last_out")
 
     def __init__(self, spec: ActSpec):
         self.spec = spec
+        self._last_in = None
+        self._last_out = None
 
     def __call__(self, module, args):
         if not args:
             return None
-        return (fake_quant_act(args[0], self.spec),) + tuple(args[1:])
+        x = args[0]
+        if x is self._last_in:
+            xq = self._last_out
+        else:
+            xq = fake_quant_act(x, self.spec)
+            self._last_in, self._last_out = x, xq
+        return (xq,) + tuple(args[1:])
 
 
 def install_act_quant(model: nn.Module, names: list[str], act: ActSpec) -> list:
