@@ -16,7 +16,9 @@ groups the paper smooths):
 4. ``method=smoothquant``: the weights are then quantized with RTN in the configured format
    (paper: W8A8 = int8 symmetric per output channel, activations int8 per token; hf-quant makes
    that the default: bits 8, group_size −1, sym, act_bits = bits).
-   ``smooth=α`` on rtn / gptq / awq runs steps 1–3 first, then that method (Smoothed below).
+   ``smooth=α`` on rtn / gptq / awq runs steps 1–3 first, then that method (Smoothed below);
+   the smoothing calibrates with that method's ``calib``/``nsamples``/``seqlen``/``calib_seed``
+   when it has them (gptq, awq), else with the defaults below.
 
 Linears fed by another linear (o_proj, down_proj) are not smoothed, as in the paper.
 Options: ``alpha`` (0.5), ``calib`` (``auto``: Pile validation → c4 → wikitext2, as AWQ),
@@ -224,7 +226,9 @@ class Smoothed(Method):
 
     def quantize(self, model: nn.Module, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
         t0 = time.perf_counter()
-        log, calib_info = _calibrate_and_smooth(model, dict(SMOOTH_DEFAULTS), self.alpha, ctx)
+        # the method's own calibration settings when it has them (gptq, awq), else SmoothQuant's
+        opts = {**SMOOTH_DEFAULTS, **{k: v for k, v in (cfg.options or {}).items() if k in SMOOTH_DEFAULTS}}
+        log, calib_info = _calibrate_and_smooth(model, opts, self.alpha, ctx)
         rep = self.inner.quantize(model, cfg, ctx)
         rep.modified = sorted(set(rep.modified) | set(log["modified"]))
         rep.extra["smoothquant"] = {**_public(log), "calibration": calib_info}
