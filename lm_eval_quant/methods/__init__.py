@@ -35,6 +35,7 @@ METHODS: dict[str, str] = {
     "awq": "lm_eval_quant.methods.awq:AWQ",
     "bnb": "lm_eval_quant.methods.bnb:BNB",
     "smoothquant": "lm_eval_quant.methods.smoothquant:SmoothQuant",  # issue 12
+    "hqq": "lm_eval_quant.methods.hqq:HQQ",  # issue 12
 }
 
 _INSTANCES: dict[str, Method] = {}
