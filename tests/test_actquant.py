@@ -195,3 +195,44 @@ def test_stock_cli_bad_combinations_exit_2(tiny_llama, toy_task_dir, args, needl
     err = [ln for ln in p.stderr.splitlines() if "lm-eval-quant: error:" in ln]
     assert len(err) == 1 and needle in err[0]
     assert "Traceback" not in p.stderr
+
+
+def test_sweep_accepts_activation_axes_and_new_methods():
+    """act_* keys and smooth ride in a method entry's options; the new methods and formats are
+    ordinary axis values (no new code path)."""
+    from lm_eval_quant.sweep.spec import SweepSpec
+
+    spec = SweepSpec.from_dict({
+        "models": ["/m"], "tasks": ["wikitext2_gptq"], "bits": [4],
+        "methods": [
+            {"name": "rtn", "label": "rtn-w4a8", "group_sizes": [128], "options": {"act_bits": 8}},
+            {"name": "rtn", "label": "rtn-mx", "formats": ["mxfp4"], "group_sizes": [32],
+             "options": {"act_format": "mxfp4"}},
+            {"name": "gptq", "label": "sq-gptq", "group_sizes": [-1], "options": {"smooth": 0.5, "act_bits": 4}},
+            {"name": "smoothquant", "bits": [8], "group_sizes": [-1]},
+            {"name": "hqq", "group_sizes": [64]},
+        ],
+    })
+    cells = {c.method_label: c for c in spec.cells()}
+    assert all(c.skip_reason is None for c in cells.values()), [c.skip_reason for c in cells.values()]
+    assert cells["rtn-w4a8"].model_args["act_bits"] == 8
+    assert cells["rtn-mx"].model_args["format"] == "mxfp4" and cells["rtn-mx"].model_args["act_format"] == "mxfp4"
+    assert cells["sq-gptq"].model_args["smooth"] == 0.5
+    assert cells["smoothquant"].model_args["method"] == "smoothquant"
+    assert cells["hqq"].model_args["group_size"] == 64
+
+
+def test_report_tells_weight_only_and_activation_rows_apart():
+    from pathlib import Path
+
+    from lm_eval_quant.report.collect import run_from_results
+
+    def res(opts):
+        return {"config": {"model_args": "pretrained=/m", "quantization": {
+            "quant_config": {"method": "rtn", "bits": 4, "group_size": 128, "format": "int", "sym": False,
+                             "options": opts},
+            "params_total": 10, "params_quantized": 8, "bits_per_quantized_weight": 4.25, "total_bits": 98.0}}}
+
+    a = run_from_results(res({}), Path("a.json"))
+    b = run_from_results(res({"act_bits": 8, "act_format": "int", "act_group_size": -1}), Path("b.json"))
+    assert a.key != b.key and b.options["act_bits"] == 8
