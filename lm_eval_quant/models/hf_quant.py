@@ -4,7 +4,8 @@
         --model_args pretrained=Qwen/Qwen2.5-7B,method=gptq,bits=3,group_size=128 --tasks piqa
 
 Our arguments (method, bits, group_size, format, sym, skip, the method's options, cache,
-cache_dir, save_quantized) are taken out; every other argument goes to HFLM unchanged, so
+cache_dir, save_quantized, and the activation arguments act_bits, act_format, act_group_size and
+smooth) are taken out; every other argument goes to HFLM unchanged, so
 whatever works with `--model hf` works here. The quantization runs inside HFLM's
 `_create_model` hook right after the weights are loaded (on CPU unless a device map says
 otherwise; methods move one layer at a time to the compute device), and the bit accounting is
