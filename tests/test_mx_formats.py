@@ -271,3 +271,38 @@ def test_fast_rounding_equals_the_reference(name):
     a, b = round_elem(x, el), round_elem_reference(x, el)
     assert torch.equal(a, b)
     assert torch.equal(torch.signbit(a[a == 0]), torch.signbit(b[b == 0]))
+
+
+@pytest.mark.parametrize("method,fmt_name", [("gptq", "mxfp4"), ("awq", "nvfp4"), ("awq", "mxfp6"), ("rtn", "fp8")])
+def test_weight_methods_take_the_block_formats(tiny_llama, tmp_path, method, fmt_name):
+    """Every quantized matrix ends on the format's grid: re-quantizing it changes nothing (MX,
+    fp8). NVFP4's two-level scale is not idempotent (the tensor absmax moves), so there each block
+    of 16 must be e2m1 values times its own unit max|block| / 6 (the E4M3-rounded block scale puts
+    the block maximum within ±1/16 of 6 units, which rounds to 6)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_quant.methods import QuantContext, get_method
+    from lm_eval_quant.methods.base import weight_matrix
+    from lm_eval_quant.toy import make_corpus
+
+    calib = tmp_path / "c.txt"
+    calib.write_text(make_corpus(20_000, seed=3))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    opts = {} if method == "rtn" else dict(calib=str(calib), nsamples=4, seqlen=64)
+    if method == "awq":
+        opts.update(n_grid=4, clip_grid=4)
+    cfg = build_config(method=method, format=fmt_name, **opts)
+    rep = get_method(method).quantize(model, cfg, QuantContext(tokenizer=tok, progress=False))
+    fmt = make_format(cfg.format, cfg.bits)
+    mods = dict(model.named_modules())
+    assert len(rep.quantized) == 14
+    for n in rep.quantized:
+        W = weight_matrix(mods[n]).detach()
+        if fmt_name == "nvfp4":
+            B = W.reshape(W.shape[0], -1, 16)
+            unit = B.abs().amax(-1, keepdim=True) / 6
+            r = B / torch.where(unit > 0, unit, torch.ones_like(unit))
+            assert torch.allclose(r, round_elem(r, ELEMS["e2m1"]), rtol=0, atol=1e-4), n
+        else:
+            assert torch.equal(quantize_weight(W, fmt, cfg.group_size).w_hat, W), n
