@@ -151,3 +151,19 @@ def test_smooth_errors():
         with_smoothing(build_config(method="rtn"), get_method("rtn"), 1.5)
     with pytest.raises(QuantArgError, match=r"alpha=-0.1 must be in \[0, 1\]"):
         build_config(method="smoothquant", alpha="-0.1")
+
+
+def test_cache_hit_restores_smoothing_and_hooks(sensitive_llama, calib_txt, tmp_path):
+    ids = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(0))
+    kw = dict(pretrained=str(sensitive_llama), method="smoothquant", calib=str(calib_txt), nsamples=8, seqlen=64,
+              cache_dir=str(tmp_path / "c"))
+    a = _get_lm(**kw)
+    b = _get_lm(**kw)
+    qa, qb = a.get_model_info()["quantization"], b.get_model_info()["quantization"]
+    assert qa["method_report"]["cache"]["hit"] is False and qb["method_report"]["cache"]["hit"] is True
+    assert qb["activations"]["linears"] == qa["activations"]["linears"] == 14
+    with torch.no_grad():
+        la, lb = a.model(ids).logits, b.model(ids).logits
+    assert torch.equal(la, lb)
+    sd_a, sd_b = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)  # norms included
