@@ -149,6 +149,8 @@ def test_hooks_quantize_every_linear_input(tiny_llama):
     finally:
         aq.fake_quant_act = orig
     assert len(calls) == 2 * 4
+    hook = next(iter(lm.model.model.layers[0].self_attn.q_proj._forward_pre_hooks.values()))
+    assert hook._last_in is None and hook._last_out is None  # released at the end of the forward
     assert torch.equal(again, _logits(lm, ids))
     # the same weights without activation quant give other logits; W16A8 changes the baseline
     lw = _get_lm(pretrained=str(tiny_llama), method="rtn", bits=8, group_size=-1, cache=False)

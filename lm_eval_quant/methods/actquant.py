@@ -92,6 +92,9 @@ class _ActHook:
         self._last_in = None
         self._last_out = None
 
+    def clear(self) -> None:
+        self._last_in = self._last_out = None
+
     def __call__(self, module, args):
         if not args:
             return None
@@ -108,7 +111,10 @@ def install_act_quant(model: nn.Module, names: list[str], act: ActSpec) -> list:
     """Register the activation fake-quant pre-hook on each named module; returns the handles."""
     mods = dict(model.named_modules())
     hook = _ActHook(act)
-    return [mods[n].register_forward_pre_hook(hook) for n in names]
+    handles = [mods[n].register_forward_pre_hook(hook) for n in names]
+    # drop the kept input/output pair when the model's forward ends (no activation outlives it)
+    handles.append(model.register_forward_hook(lambda *_: hook.clear()))
+    return handles
 
 
 def scheme_label(cfg, act: ActSpec | None) -> str:
