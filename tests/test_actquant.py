@@ -173,6 +173,8 @@ def test_act_error_before_weights_load(tiny_llama, monkeypatch):
         _get_lm(pretrained=str(tiny_llama), method="rtn", act_bits=8, act_group_size=48)
     with pytest.raises(QuantArgError, match="act_bits=4, 6 or 8"):
         _get_lm(pretrained=str(tiny_llama), method="rtn", act_bits=3)
+    with pytest.raises(QuantArgError, match="weight-only GPTQ checkpoint"):
+        _get_lm(pretrained=str(tiny_llama), method="rtn", act_bits=8, save_quantized="/tmp/nowhere")
 
 
 @pytest.mark.slow

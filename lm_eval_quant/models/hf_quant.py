@@ -166,6 +166,11 @@ class HFQuantLM(HFLM):
 
             cfg, method = with_smoothing(cfg, method, smooth)
         self._lmq_act = parse_act_args(**act_args, method=cfg.method)
+        if self._lmq_act is not None and wrap.get("save_quantized"):
+            raise QuantArgError(
+                "hf-quant: save_quantized writes a weight-only GPTQ checkpoint, which cannot hold the "
+                "activation quantization (act_bits/act_format); drop one of them"
+            )
         if self._lmq_act is not None and isinstance(pretrained, str):
             _precheck_act_shapes(pretrained, cfg, self._lmq_act, bool(kwargs.get("trust_remote_code", False)),
                                  kwargs.get("revision", "main"))
