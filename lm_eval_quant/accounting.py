@@ -52,6 +52,7 @@ def account(
         n = out_f * in_f
         # the real number of blocks: a shorter last group per row counts as a whole block of statistics
         b = n * cfg.bits + out_f * n_groups(in_f, cfg.group_size) * fmt.stat_bits
+        b += getattr(fmt, "tensor_stat_bits", 0)  # issue 12: NVFP4's fp32 per-tensor scale
         b += int((extra_bits or {}).get(name, 0))
         params_q += n
         bits_q += b

@@ -262,10 +262,22 @@ def build_config(method: Any = None, bits: Any = None, group_size: Any = None, f
     from .methods import all_option_names, available_methods, get_method
     from .methods.base import QuantConfig
 
+    from .formats.mx import canonical_block_format, check_block_args, is_block_kind
+    from .formats.mx import format_bits as block_format_bits
+
     mname = DEFAULT_METHOD if method is None else str(method).strip().lower()
     m = get_method(mname)
+    # fp8 / MX / NVFP4 block formats fix their element width and block length
+    block_fmt = format is not None and mname not in ("none", "bnb") and is_block_kind(str(format))
+
+    def _block_name(b):
+        try:
+            return canonical_block_format(str(format), b)
+        except ValueError as e:
+            raise QuantArgError(f"hf-quant: {e}") from None
+
     if bits is None:
-        nbits = FULL_BITS if mname == "none" else DEFAULT_BITS
+        nbits = FULL_BITS if mname == "none" else (block_format_bits(_block_name(None)) if block_fmt else DEFAULT_BITS)
     else:
         nbits = parse_int("bits", bits)
     if mname == "none" and nbits != FULL_BITS:
@@ -280,6 +292,8 @@ def build_config(method: Any = None, bits: Any = None, group_size: Any = None, f
             f"precision), got bits={bits}"
         )
     gs = DEFAULT_GROUP_SIZE if group_size is None else parse_int("group_size", group_size)
+    if block_fmt and nbits != FULL_BITS:  # the block is the format's (MX 32, NVFP4 16, fp8 any)
+        gs = check_block_args(_block_name(nbits), None if group_size is None else gs, sym is not None, mname)
     if gs != -1 and gs <= 0:
         raise QuantArgError(
             f"hf-quant: group_size must be -1 (per output channel) or a positive integer, got {group_size}"
@@ -306,10 +320,12 @@ def build_config(method: Any = None, bits: Any = None, group_size: Any = None, f
 
     if nbits == FULL_BITS or mname == "none":
         return QuantConfig(method="none", bits=FULL_BITS, group_size=gs, format="none", sym=False, skip=sk)
-    if isinstance(fmt, str):
+    if block_fmt:
+        sy = True  # block formats are symmetric (sign-magnitude) by construction
+    elif isinstance(fmt, str):
         _check_format_spec(fmt, nbits)
     kind = str(fmt).split(":", 1)[0]
-    if sy and kind in SYMMETRIC_FORMATS:
+    if sy and kind in SYMMETRIC_FORMATS and not block_fmt:
         raise QuantArgError(
             f"hf-quant: sym=true only applies to format=int (a scale and a zero point); format={fmt} is "
             f"symmetric by construction, so drop sym"

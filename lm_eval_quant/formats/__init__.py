@@ -15,6 +15,7 @@ from functools import lru_cache
 from .base import (Format, QParams, QuantizedWeight, block_length, fake_quantize_, from_blocks, n_groups,
                    quantize_weight, to_blocks)
 from .grids import FP_DEFAULT_SPLIT, dynamic_grid, fp_grid, nf_grid, parse_fp_spec
+from .mx import BLOCK_KINDS, canonical_block_format, is_block_kind, make_block_format  # issue 12
 
 FORMAT_KINDS = ("int", "fp", "nf", "dynamic")
 MIN_BITS = {"int": 2, "fp": 3, "nf": 2, "dynamic": 2}
@@ -27,9 +28,13 @@ def canonical_format(spec: str, bits: int) -> str:
     Raises ValueError with a one-line reason.
     """
     spec = str(spec).strip().lower()
+    if is_block_kind(spec):  # issue 12: fp8 / MX / NVFP4 scaled block formats (formats/mx.py)
+        return canonical_block_format(spec, bits)
     kind, _, detail = spec.partition(":")
     if kind not in FORMAT_KINDS:
-        raise ValueError(f"unknown format {spec!r}; choose one of int, fp, fp:eXmY, nf, dynamic")
+        raise ValueError(
+            f"unknown format {spec!r}; choose one of int, fp, fp:eXmY, nf, dynamic, {', '.join(BLOCK_KINDS)}"
+        )
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise ValueError(f"bits must be an integer, got {bits!r}")
     if not MIN_BITS[kind] <= bits <= MAX_BITS:
@@ -57,6 +62,8 @@ def canonical_format(spec: str, bits: int) -> str:
 def make_format(spec: str = "int", bits: int = 4, sym: bool = False) -> Format:
     """Build a Format. `sym` applies to int; fp, nf and dynamic are symmetric by construction."""
     name = canonical_format(spec, bits)
+    if is_block_kind(name):  # issue 12
+        return make_block_format(name, bits)
     if name == "int":
         return Format("int", bits, sym)
     if name == "nf":

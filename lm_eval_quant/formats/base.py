@@ -198,6 +198,8 @@ def fake_quantize_(W: torch.Tensor, fmt: Format, group_size: int, clip: float | 
     if fmt.kind == "grid":
         idx = torch.bucketize(blocks / qp.scale, fmt._mid.to(W.device))
         torch.mul(fmt.grid.to(W.device)[idx], qp.scale, out=blocks)
+    elif fmt.kind == "block":  # issue 12: fp8 / MX / NVFP4 (formats/mx.py)
+        blocks.copy_(fmt.fake(blocks, qp))
     else:
         blocks.div_(qp.scale).round_().add_(qp.zero).clamp_(0, fmt.maxq).sub_(qp.zero).mul_(qp.scale)
     if not direct:

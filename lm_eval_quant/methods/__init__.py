@@ -19,6 +19,8 @@ METHODS: dict[str, str] = {
     "gptq": "lm_eval_quant.methods.gptq:GPTQ",
     "awq": "lm_eval_quant.methods.awq:AWQ",
     "bnb": "lm_eval_quant.methods.bnb:BNB",
+    "smoothquant": "lm_eval_quant.methods.smoothquant:SmoothQuant",  # issue 12
+    "hqq": "lm_eval_quant.methods.hqq:HQQ",  # issue 12
 }
 
 _INSTANCES: dict[str, Method] = {}

@@ -4,7 +4,8 @@
         --model_args pretrained=Qwen/Qwen2.5-7B,method=gptq,bits=3,group_size=128 --tasks piqa
 
 Our arguments (method, bits, group_size, format, sym, skip, the method's options, cache,
-cache_dir, save_quantized, kl_ref, kl_out, kl_topk) are taken out; every other argument goes to HFLM unchanged, so
+cache_dir, save_quantized, kl_ref, kl_out, kl_topk, and the activation arguments act_bits, act_format,
+act_group_size and smooth) are taken out; every other argument goes to HFLM unchanged, so
 whatever works with `--model hf` works here. The quantization runs inside HFLM's
 `_create_model` hook right after the weights are loaded (on CPU unless a device map says
 otherwise; methods move one layer at a time to the compute device), and the bit accounting is
@@ -29,6 +30,14 @@ from .. import __version__, prequant
 from ..errors import QuantArgError
 from ..args import CORE_KEYS, WRAPPER_KEYS, argv_model_args, resolve, split_model_args, unknown_key_error
 from ..methods import QuantContext, QuantReport
+from ..methods.actquant import (  # issue 12
+    act_info,
+    check_act_shapes,
+    install_act_quant,
+    parse_act_args,
+    pop_act_args,
+    scheme_label,
+)
 from ..methods.base import check_group_size, quantizable_linears
 
 log = logging.getLogger("lm_eval_quant")
@@ -164,6 +173,20 @@ def warn_unmatched_skip(model, cfg) -> None:
             log.warning(msg)
 
 
+def pop_act_smooth_args(kwargs: dict) -> tuple[dict, Any]:
+    """issue 12: (act_* args, smooth) taken out of `kwargs`; `method=smoothquant` gets the paper's
+    recipe where a key is unset: W8A8, int8 symmetric per-channel weights, per-token activations."""
+    act_args = pop_act_args(kwargs)
+    smooth = kwargs.pop("smooth", None)
+    if str(kwargs.get("method") or "").strip().lower() == "smoothquant":
+        kwargs.setdefault("bits", 8)
+        kwargs.setdefault("group_size", -1)
+        kwargs.setdefault("sym", True)
+        if not act_args:
+            act_args = {"act_bits": kwargs["bits"]}
+    return act_args, smooth
+
+
 def pop_kl_args(kwargs: dict) -> tuple[Any, Any, int | None]:
     """(kl_ref, kl_out, kl_topk) taken out of `kwargs`: token-level KL on perplexity tasks
     (:mod:`lm_eval_quant.tokkl`); the environment's LMQ_KL_REF / LMQ_KL_OUT fill them in."""
@@ -251,7 +274,25 @@ def precheck_command_line(argv: list[str]) -> None:
     if device and "device" not in kwargs:
         kwargs["device"] = device
     pop_kl_args(kwargs)
-    preflight(kwargs.pop("pretrained", None), kwargs, warn=False)
+    act_args, _ = pop_act_smooth_args(kwargs)
+    cfg, _, _ = preflight(kwargs.pop("pretrained", None), kwargs, warn=False)
+    parse_act_args(**act_args, method=cfg.method)
+
+
+def _precheck_act_shapes(pretrained: str, cfg, act, trust_remote_code: bool, revision: str | None) -> None:
+    """issue 12: the activation block must divide the linears' input widths (meta model, no weights)."""
+    if act.group_size in (-1, 0):
+        return
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        conf = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code, revision=revision)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(conf, trust_remote_code=trust_remote_code)
+    except Exception as e:  # pragma: no cover - checked after loading instead
+        log.debug("activation shape pre-check skipped: %s", e)
+        return
+    check_act_shapes(quantizable_linears(meta, cfg.skip), act)
 
 
 class HFQuantLM(HFLM):
@@ -275,11 +316,28 @@ class HFQuantLM(HFLM):
 
     def _lmq_init(self, pretrained: Any = None, **kwargs: Any) -> None:
         kl_ref, kl_out, kl_topk = pop_kl_args(kwargs)
+        # ---- issue 12: weight-activation quantization (act_bits, act_format, act_group_size) ----
+        act_args, smooth = pop_act_smooth_args(kwargs)
         cfg, wrap, method = preflight(pretrained, kwargs)
         if kl_ref is not None and not cfg.is_baseline and kl_out is None:
             raise QuantArgError(
                 "hf-quant: kl_ref=DIR on a quantized model also needs kl_out=DIR (where "
                 "tokkl_<task>.npz goes: the folder of this run's results, for the report)")
+        if smooth is not None:
+            from ..methods.smoothquant import with_smoothing
+
+            cfg, method = with_smoothing(cfg, method, smooth)
+        self._lmq_act = parse_act_args(**act_args, method=cfg.method)
+        if self._lmq_act is not None and wrap.get("save_quantized"):
+            raise QuantArgError(
+                "hf-quant: save_quantized writes a weight-only GPTQ checkpoint, which cannot hold the "
+                "activation quantization (act_bits/act_format); drop one of them"
+            )
+        if self._lmq_act is not None and isinstance(pretrained, str):
+            _precheck_act_shapes(pretrained, cfg, self._lmq_act, bool(kwargs.get("trust_remote_code", False)),
+                                 kwargs.get("revision", "main"))
+        self._lmq_act_linears = 0
+        # ---- end issue 12 ----
         self._lmq_cfg = cfg
         self._lmq_method = method
         self._lmq_wrap = wrap
@@ -358,6 +416,7 @@ class HFQuantLM(HFLM):
             self._lmq_accounting = prequant.account_prequantized(model, cfg)
         if self._lmq_accounting is None:
             self._lmq_accounting = method.accounting(model, cfg, report)
+        self._lmq_install_act(model, report)  # issue 12
         save = self._lmq_wrap.get("save_quantized")
         if save:
             from ..export import save_quantized
@@ -386,6 +445,29 @@ class HFQuantLM(HFLM):
             cache_dir=cache_dir, enabled=True, calib=calib,
         )
         return report
+
+    # -- issue 12: activation fake-quant ------------------------------------------------------
+    def _lmq_install_act(self, model, report) -> None:
+        act = getattr(self, "_lmq_act", None)
+        if act is None:
+            return
+        cfg = self._lmq_cfg
+        names = list(report.quantized) if not cfg.is_baseline else [n for n, _ in quantizable_linears(model, cfg.skip)]
+        mods = dict(model.named_modules())
+        check_act_shapes([(n, mods[n]) for n in names], act)
+        install_act_quant(model, names, act)
+        self._lmq_act_linears = len(names)
+
+    def _lmq_act_info(self, acc: dict) -> None:
+        act = getattr(self, "_lmq_act", None)
+        acc["scheme"] = scheme_label(self._lmq_cfg, act)
+        acc["activations"] = act_info(act, getattr(self, "_lmq_act_linears", 0))
+        if act is not None and isinstance(acc.get("quant_config"), dict):
+            # in the options too, so reports and caches of results tell W4A16 and W4A8 rows apart
+            qc = dict(acc["quant_config"])
+            qc["options"] = {**(qc.get("options") or {}), "act_bits": act.bits, "act_format": act.format,
+                             "act_group_size": act.group_size}
+            acc["quant_config"] = qc
 
     # -- reporting ----------------------------------------------------------------------------
     def get_model_info(self) -> dict:
@@ -432,6 +514,7 @@ class HFQuantLM(HFLM):
             if extra:
                 acc["method_report"] = json.loads(json.dumps(extra, default=str))
         acc.setdefault("lm_eval_quant_version", __version__)
+        self._lmq_act_info(acc)  # issue 12
         return acc
 
 

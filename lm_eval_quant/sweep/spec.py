@@ -31,6 +31,7 @@ BNB_FORMATS = {"nf4": "nf4", "fp4": "fp4", "nf": "nf4", "fp": "fp4"}
 INT_FORMATS = ("int",)
 # hf-quant keys that are not method options but may sit in a method entry's options.
 WRAPPER_KEYS = set(A.WRAPPER_KEYS) | {"skip"}
+WRAPPER_KEYS |= {"act_bits", "act_format", "act_group_size", "smooth"}  # issue 12: any weight method
 
 # Harness options, their type (for the checks) and the simple_evaluate keyword they feed.
 HARNESS_OPTIONS: dict[str, tuple] = {
