@@ -84,6 +84,8 @@ class Run:
     method_label: str = ""      # sweep method label (two GPTQ variants differ here), else = method
     files: list[str] = field(default_factory=list)
     tasks: dict[str, TaskResult] = field(default_factory=dict)
+    storage_dtype: str | None = None  # the checkpoint's dtype (accounting counts unquantized parts at it)
+    eval_dtype: str | None = None     # the dtype the evaluation computed in
 
     @property
     def label(self) -> str:
@@ -266,6 +268,14 @@ def run_from_results(d: dict, path: Path) -> Run:
     params = _num(cfg.get("model_num_parameters"))
     dtype_bits = _dtype_bits(cfg.get("model_dtype") or margs.get("dtype"))
     limit = cfg.get("limit")
+    eval_dtype = _dtype_name(cfg.get("model_dtype") or margs.get("dtype"), None)
+    eval_dtype = None if eval_dtype == "?" else eval_dtype
+    storage_dtype = None
+    if q is not None and q.get("storage_dtype"):
+        # ours since 0.2: the checkpoint's dtype, which the unquantized parts are counted at
+        storage_dtype = str(q["storage_dtype"])
+        eval_dtype = str(q.get("eval_dtype") or eval_dtype)
+        dtype_bits = _dtype_bits(storage_dtype) or dtype_bits
     if q is not None:
         qc = q.get("quant_config") or {}
         method = str(qc.get("method", "none"))
@@ -294,7 +304,7 @@ def run_from_results(d: dict, path: Path) -> Run:
             method = "none"
             b = dtype_bits or (bpp if bpp is not None else bits)
             bits = float(b) if b is not None else None
-            gs, sym, fmt = None, None, _dtype_name(cfg.get("model_dtype"), bits)
+            gs, sym, fmt = None, None, _dtype_name(storage_dtype or cfg.get("model_dtype"), bits)
             options = {}
             if bpw is None or not _num(q.get("params_quantized")):
                 bpw = bits
@@ -340,6 +350,8 @@ def run_from_results(d: dict, path: Path) -> Run:
         source_kind=kind,
         family=str(labels.get("family") or ""),
         method_label=method_label,
+        storage_dtype=storage_dtype,
+        eval_dtype=eval_dtype,
     )
 
 
