@@ -148,6 +148,9 @@ def run_lm_eval(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from lm_eval_quant import _quiet
+
+    _quiet.install()  # known-harmless library noise (see lm_eval_quant/_quiet.py)
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return run_subcommand(argv[0], argv[1:])
