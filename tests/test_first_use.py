@@ -262,3 +262,52 @@ def test_end_to_end_fp16_checkpoint_evaluated_in_fp32(tiny_llama, toy_task_dir, 
     q4 = r4["config"]["quantization"]
     n_q = q4["params_quantized"]
     assert q4["total_bits"] == n_q * (4 + 20 / 128) + (q4["params_total"] - n_q) * 16
+
+
+# --------------------------------------------------------------------------------------------
+# 7. docs and examples
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_examples_referenced_by_docs_exist_and_parse():
+    import re
+
+    from lm_eval_quant.sweep.spec import SweepSpec
+
+    texts = [p.read_text(encoding="utf-8") for p in
+             [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "lm_eval_quant").rglob("*.py"))]]
+    named = sorted({m for t in texts for m in re.findall(r"examples/[\w.-]+\.yaml", t)})
+    assert "examples/sweep_tiny.yaml" in named
+    for rel in named:
+        assert (ROOT / rel).is_file(), f"{rel} is referenced but missing"
+    for f in sorted((ROOT / "examples").glob("*.yaml")):
+        text = f.read_text(encoding="utf-8")
+        assert "../shared" not in text, f"{f.name}: a path outside a clone"
+        spec = SweepSpec.from_yaml(f)
+        assert spec.cells(check_methods=False), f.name
+    stories = SweepSpec.from_yaml(ROOT / "examples" / "sweep_stories260k.yaml")
+    assert not any("wikitext" in t or "c4" in t for t in stories.tasks)   # a story model on stories
+
+
+def test_python_route_needs_no_device_nor_task_manager(tiny_llama, toy_task_dir, monkeypatch):
+    """simple_evaluate without device= on a machine without CUDA runs on the CPU; add_tasks puts
+    our tasks on the search path of the TaskManager simple_evaluate builds itself."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU fallback is for machines without CUDA")
+    import lm_eval
+
+    import lm_eval_quant
+    from lm_eval_quant.cli import add_task_dir
+
+    lm_eval_quant.register()
+    lm_eval_quant.add_tasks()
+    add_task_dir(toy_task_dir)        # the toy task, found the same way
+    res = lm_eval.simple_evaluate(
+        model="hf-quant", model_args=f"pretrained={tiny_llama},method=rtn,bits=4,group_size=128,cache=false",
+        tasks=["lmq_toy_mc"], limit=2)
+    assert 0.0 <= res["results"]["lmq_toy_mc"]["acc,none"] <= 1.0
+    from lm_eval.tasks import TaskManager
+
+    assert "wikitext2_gptq" in TaskManager().all_tasks

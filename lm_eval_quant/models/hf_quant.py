@@ -188,6 +188,10 @@ class HFQuantLM(HFLM):
                 bool(kwargs.get("trust_remote_code", False)),
                 kwargs.get("revision", "main"),
             )
+        if not kwargs.get("device") and not torch.cuda.is_available():
+            # lm_eval.simple_evaluate passes device=None, which HFLM turns into CUDA: on a machine
+            # without it, the CPU (what the lm_eval CLI user gets with --device cpu)
+            kwargs["device"] = "cpu"
         self._lmq_device_arg = kwargs.get("device", "cuda")
         super().__init__(pretrained=pretrained, **kwargs)
         if not isinstance(pretrained, str):  # a model object: quantize it here

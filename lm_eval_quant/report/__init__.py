@@ -82,9 +82,9 @@ def budget_answer(table: Table, metric: str, budget_gb: float) -> tuple[Row | No
     if ties:
         names = ", ".join(r.run.label for r in [best] + ties)
         return None, (f"No answer under {budget}: {len(ties) + 1} runs tie at {label} = {v:.4f} "
-                      f"({names}); {compared}. The metric does not tell them apart (an accuracy "
-                      f"task answered at chance, or too few samples, does this): rank by a "
-                      f"perplexity task with --metric, or evaluate more samples.")
+                      f"({names}); {compared}. The metric does not tell them apart: rank by another "
+                      f"--metric (perplexity separates precisions best; an accuracy task answered "
+                      f"at chance never does), or evaluate more samples.")
     err = best.stderrs.get(metric)
     ve = f"{v:.4f}" + (f" ± {err:.4f}" if err is not None else "")
     text = (f"Best under {budget}: {best.run.label} ({best.family}) — "
