@@ -4,8 +4,8 @@ For each quantized weight matrix: k bits per weight plus the per-block statistic
 and for asymmetric int the zero point, an integer code stored at k bits) — 4-bit, groups of 128:
 4 + (16 + 4)/128 = 4.156 bits per weight; the same definition as an exported or pre-quantized
 GPTQ checkpoint (prequant.account_prequantized). Everything left unquantized (embeddings, the
-output head, norms, biases) counts at the checkpoint's storage dtype when it is given
-(``storage_dtype``), else at its dtype in memory. These are the figures 2212.09720 and 2405.03146 plot against.
+output head, norms, biases) counts at the narrower of the checkpoint's storage dtype (when given)
+and its dtype in memory. These are the figures 2212.09720 and 2405.03146 plot against.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def account(
     quantized: names of the modules whose weight was quantized with `cfg` (block = group size,
     or the whole input row for group_size=-1). extra_bits: optional per-module extra storage in
     bits (e.g. GPTQ's g_idx with act_order). storage_dtype: the checkpoint's dtype (a torch
-    dtype or its name); unquantized floating-point tensors count at it, not at the dtype they
-    were evaluated in, and both dtypes are recorded (``storage_dtype``, ``eval_dtype``).
+    dtype or its name); unquantized floating-point tensors count at the narrower of it and the
+    dtype they were evaluated in (an upcast adds no information: an fp16 checkpoint evaluated
+    in float32 is an fp16 model; a downcast is what was evaluated: an fp32 checkpoint evaluated
+    in bfloat16 is a bf16 model). Both dtypes are recorded (``storage_dtype``, ``eval_dtype``).
     """
     quantized = list(quantized or [])
     mods = _modules_by_name(model)
@@ -70,13 +72,16 @@ def account(
         if p.dtype.is_floating_point and eval_dtype is None:
             eval_dtype = p.dtype
         if id(p) not in qweights:
-            b = dtype_bits(sdt) if (sdt is not None and p.dtype.is_floating_point) else dtype_bits(p.dtype)
+            b = dtype_bits(p.dtype)
+            if sdt is not None and p.dtype.is_floating_point:
+                b = min(b, dtype_bits(sdt))
             total_bits += p.numel() * b
     total_bits += bits_q
     qc = cfg.to_dict()
     dtypes = {"storage_dtype": _name(sdt or eval_dtype), "eval_dtype": _name(eval_dtype)}
     if cfg.is_baseline and (sdt or eval_dtype) is not None:
-        qc["bits"] = dtype_bits(sdt or eval_dtype)  # an fp32 checkpoint's baseline is 32-bit
+        # an fp32 checkpoint evaluated in fp32 is a 32-bit baseline, not 16
+        qc["bits"] = min(dtype_bits(d) for d in (sdt, eval_dtype) if d is not None)
     return summary(qc, params_total, params_q, len(quantized), bits_q, total_bits, **dtypes)
 
 

@@ -88,13 +88,19 @@ def test_budget_refuses_ties_and_says_what_it_compared(tmp_path):
     assert rep.best is None and "No answer under 5 GB" in rep.markdown
 
 
-def test_mixed_limits_warn(tmp_path):
+def test_mixed_limits_warn(tmp_path, capsys):
     _two_runs_same_acc(tmp_path, limits=(40, None))
     t = build_table(collect([tmp_path]))
     notes = [n for n in t.notes if "different --limit" in n]
     assert len(notes) == 1 and "(40, none)" in notes[0]
     t2 = build_table(collect([tmp_path / "rtn4"]))
     assert not any("different --limit" in n for n in t2.notes)
+    from lm_eval_quant.report.cli import main as report_main
+
+    report_main([str(tmp_path), "--out", str(tmp_path / "r"), "--no-plots"])
+    out = capsys.readouterr().out
+    assert "\nWarning: the runs used different --limit values (40, none)" in out
+    assert "Warning: the runs used different --limit" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_no_mean_fallback_is_said(tmp_path):
@@ -141,6 +147,10 @@ def test_baseline_counts_the_checkpoint_dtype():
     assert acc32["quant_config"]["bits"] == 32 and acc32["total_bits"] == n * 32
     # no storage dtype known: the dtype in memory
     assert account(m, cfg, [])["total_bits"] == n * 32
+    # an fp32 checkpoint evaluated in bfloat16 is a bf16 model (the downcast is what was evaluated)
+    acc_bf = account(_lin_model(torch.bfloat16), cfg, [], storage_dtype="float32")
+    assert acc_bf["quant_config"]["bits"] == 16 and acc_bf["total_bits"] == n * 16
+    assert (acc_bf["storage_dtype"], acc_bf["eval_dtype"]) == ("float32", "bfloat16")
 
 
 def test_quantized_weights_same_figure_on_the_fly_and_as_the_definition():

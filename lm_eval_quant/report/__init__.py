@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .collect import Run, collect, failed_cells
+from .plots import human_size as _gb_text
 from .plots import best_under, plot_pareto, plot_scaling, write_points_csv
 from .table import Row, Table, build_table, row_markdown, to_csv, to_markdown
 
@@ -36,14 +37,6 @@ class Report:
     scaling_points: list = field(default_factory=list)
     pareto_points: list = field(default_factory=list)
     markdown: str = ""
-
-
-def _gb_text(gb: float) -> str:
-    """A memory figure in human units for text: MB under 1 GB, GB above (CSV keeps exact GB)."""
-    if gb < 1.0:
-        mb = gb * 1e3
-        return f"{mb:.3g} MB" if mb < 100 else f"{mb:.0f} MB"
-    return f"{gb:.3g} GB" if gb < 100 else f"{gb:.0f} GB"
 
 
 def _tied(a: float, b: float) -> bool:
@@ -123,7 +116,7 @@ def make_report(paths, out_dir, metric: str | None = None, budget_gb: float | No
     for cat, ts in table.category_tasks.items():
         parts.append(f"`{cat} mean` = mean of: {', '.join(ts)}.\n")
     for n in table.notes:
-        parts.append(f"Note: {n}.\n")
+        parts.append((n if n.startswith("Warning:") else f"Note: {n}") + ".\n")
     parts.append("\n" + md)
     if budget_gb is not None:
         rep.best, text = budget_answer(table, m, budget_gb)

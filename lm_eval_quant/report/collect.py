@@ -271,11 +271,16 @@ def run_from_results(d: dict, path: Path) -> Run:
     eval_dtype = _dtype_name(cfg.get("model_dtype") or margs.get("dtype"), None)
     eval_dtype = None if eval_dtype == "?" else eval_dtype
     storage_dtype = None
+    counted_dtype = cfg.get("model_dtype")
     if q is not None and q.get("storage_dtype"):
-        # ours since 0.2: the checkpoint's dtype, which the unquantized parts are counted at
+        # ours since 0.2: the checkpoint's dtype; unquantized parts count at the narrower of it
+        # and the evaluation dtype (accounting.account)
         storage_dtype = str(q["storage_dtype"])
         eval_dtype = str(q.get("eval_dtype") or eval_dtype)
-        dtype_bits = _dtype_bits(storage_dtype) or dtype_bits
+        cands = [d for d in (storage_dtype, eval_dtype) if _dtype_bits(d)]
+        if cands:
+            counted_dtype = min(cands, key=_dtype_bits)
+            dtype_bits = _dtype_bits(counted_dtype)
     if q is not None:
         qc = q.get("quant_config") or {}
         method = str(qc.get("method", "none"))
@@ -304,7 +309,7 @@ def run_from_results(d: dict, path: Path) -> Run:
             method = "none"
             b = dtype_bits or (bpp if bpp is not None else bits)
             bits = float(b) if b is not None else None
-            gs, sym, fmt = None, None, _dtype_name(storage_dtype or cfg.get("model_dtype"), bits)
+            gs, sym, fmt = None, None, _dtype_name(counted_dtype, bits)
             options = {}
             if bpw is None or not _num(q.get("params_quantized")):
                 bpw = bits

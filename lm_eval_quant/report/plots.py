@@ -113,6 +113,15 @@ def _plt():
     return plt
 
 
+def human_size(gb: float) -> str:
+    """A memory figure in human units for text and legends: MB under 1 GB, GB above (10^6 /
+    10^9 bytes, like the accounting); report.csv keeps the exact GB."""
+    if gb < 1.0:
+        mb = gb * 1e3
+        return f"{mb:.3g} MB" if mb < 100 else f"{mb:.0f} MB"
+    return f"{gb:.3g} GB" if gb < 100 else f"{gb:.0f} GB"
+
+
 #: a y-axis is logarithmic when every value is positive and max/min is at least this (one decade)
 LOG_Y_RATIO = 10.0
 
@@ -242,7 +251,7 @@ def plot_pareto(table: Table, metric: str, path: Path, title: str | None = None,
         ax.scatter([p["model_gb"] for p in front], [p["value"] for p in front], s=60,
                    facecolors="none", edgecolors="red")
     if budget_gb is not None:
-        ax.axvline(budget_gb, color="grey", linestyle=":", label=f"budget {budget_gb:g} GB")
+        ax.axvline(budget_gb, color="grey", linestyle=":", label=f"budget {human_size(budget_gb)}")
     ax.set_xscale("log")
     if use_log_y([p["value"] for p in pts]):
         ax.set_yscale("log")

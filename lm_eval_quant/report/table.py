@@ -299,9 +299,11 @@ class Table:
             if self.mean_tasks:
                 return "mean"
             if self.columns:
-                self.notes.append(
-                    f"no accuracy-like task is shared by every run, so plots and the budget rank "
-                    f"by the first column, {self.columns[0].header}; choose another with --metric")
+                note = (f"no accuracy-like task is shared by every run, so plots and the budget "
+                        f"rank by the first column, {self.columns[0].header}; choose another "
+                        f"with --metric")
+                if note not in self.notes:
+                    self.notes.append(note)
                 return self.columns[0].task
             raise QuantArgError("report: the results hold no task metrics to plot")
         if spec in keys:
@@ -406,7 +408,7 @@ def build_table(runs: list[Run], task_metric: dict[str, str] | None = None,
             row.means[cat] = _mean([row.values[t] for t in ts])
     limits = {json_limit(row.run.limit) for row in rows}
     if len(limits) > 1:
-        notes.append("warning: the runs used different --limit values (" + ", ".join(
+        notes.append("Warning: the runs used different --limit values (" + ", ".join(
             sorted(limits)) + "): rows that differ only in limit are separate rows, and numbers "
             "from different limits are not comparable; re-run with one --limit")
     rows.sort(key=lambda row: (
