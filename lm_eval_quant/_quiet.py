@@ -62,9 +62,13 @@ def quiet_git_hash():
 
 
 def install() -> None:
-    """Add the filters (idempotent) and make lm-eval's evaluator use :func:`quiet_git_hash`."""
+    """Add the filters (idempotent; imports nothing but ``logging``)."""
     for name, preds in KNOWN_NOISE.items():
         _add(name, preds)
+
+
+def quiet_git() -> None:
+    """Make lm-eval's evaluator use :func:`quiet_git_hash` (imports lm_eval; idempotent)."""
     try:
         import lm_eval.evaluator as ev
 

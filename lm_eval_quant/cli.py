@@ -135,6 +135,9 @@ def run_lm_eval(argv: list[str]) -> int:
 
     lm_eval_quant.register()
     add_task_dir(lm_eval_quant.task_dir())
+    from lm_eval_quant import _quiet
+
+    _quiet.quiet_git()  # no "fatal: not a git repository" outside a checkout
     from lm_eval.__main__ import cli_evaluate
 
     saved = sys.argv

@@ -242,7 +242,7 @@ def test_git_hash_quiet_outside_a_repo(tmp_path, capfd, monkeypatch):
         pytest.skip("git not installed")
     assert _quiet.quiet_git_hash() is None
     assert "fatal" not in capfd.readouterr().err
-    _quiet.install()
+    _quiet.quiet_git()
     import lm_eval.evaluator as ev
 
     assert ev.get_git_commit_hash is _quiet.quiet_git_hash
