@@ -406,10 +406,13 @@ def build_table(runs: list[Run], task_metric: dict[str, str] | None = None,
         row.means["mean"] = _mean([row.values[t] for t in mean_tasks])
         for cat, ts in category_tasks.items():
             row.means[cat] = _mean([row.values[t] for t in ts])
-    limits = {json_limit(row.run.limit) for row in rows}
+    limits = {limit_text(row.run.limit) for row in rows}
     if len(limits) > 1:
+        def _order(x):
+            return (x == "none", float(x) if x != "none" else 0.0)
+
         notes.append("Warning: the runs used different --limit values (" + ", ".join(
-            sorted(limits)) + "): rows that differ only in limit are separate rows, and numbers "
+            sorted(limits, key=_order)) + "): rows that differ only in limit are separate rows, and numbers "
             "from different limits are not comparable; re-run with one --limit")
     rows.sort(key=lambda row: (
         row.family,
@@ -425,7 +428,7 @@ def build_table(runs: list[Run], task_metric: dict[str, str] | None = None,
                  category_tasks=category_tasks, notes=notes)
 
 
-def json_limit(limit) -> str:
+def limit_text(limit) -> str:
     """A run's ``--limit`` as shown in notes: ``none`` for a full evaluation."""
     return "none" if limit is None else _fmt_bits(limit)
 
