@@ -30,6 +30,16 @@ def register() -> None:
     _REGISTERED = True
 
 
+def add_tasks() -> None:
+    """Make every lm-eval ``TaskManager`` in this process also search :func:`task_dir` (what the
+    ``lm-eval-quant`` command does), so a Python caller needs no ``include_path`` and can let
+    ``lm_eval.simple_evaluate`` build its own TaskManager, which hands ``model_args`` to the
+    tasks (the perplexity tasks read ``pretrained`` there to find the tokenizer). Idempotent."""
+    from lm_eval_quant.cli import add_task_dir
+
+    add_task_dir(task_dir())
+
+
 def task_dir():
     """Folder of the task YAMLs shipped with the package (wheel) or beside it (checkout).
 

@@ -1,9 +1,11 @@
 """Bit accounting: what a quantized model really costs in memory.
 
 For each quantized weight matrix: k bits per weight plus the per-block statistics (an fp16 scale,
-and an fp16 zero point for asymmetric int) — 4-bit, groups of 128, scale + zero = 4 + 32/128 =
-4.25 bits per weight. Everything left unquantized (embeddings, the output head, norms, biases)
-counts at its real dtype. These are the figures 2212.09720 and 2405.03146 plot against.
+and for asymmetric int the zero point, an integer code stored at k bits) — 4-bit, groups of 128:
+4 + (16 + 4)/128 = 4.156 bits per weight; the same definition as an exported or pre-quantized
+GPTQ checkpoint (prequant.account_prequantized). Everything left unquantized (embeddings, the
+output head, norms, biases) counts at the narrower of the checkpoint's storage dtype (when given)
+and its dtype in memory. These are the figures 2212.09720 and 2405.03146 plot against.
 """
 
 from __future__ import annotations
@@ -28,12 +30,17 @@ def account(
     cfg: QuantConfig,
     quantized: list[str] | None = None,
     extra_bits: dict[str, int] | None = None,
+    storage_dtype=None,
 ) -> dict:
     """Accounting for a fake-quantized model.
 
     quantized: names of the modules whose weight was quantized with `cfg` (block = group size,
     or the whole input row for group_size=-1). extra_bits: optional per-module extra storage in
-    bits (e.g. GPTQ's g_idx with act_order).
+    bits (e.g. GPTQ's g_idx with act_order). storage_dtype: the checkpoint's dtype (a torch
+    dtype or its name); unquantized floating-point tensors count at the narrower of it and the
+    dtype they were evaluated in (an upcast adds no information: an fp16 checkpoint evaluated
+    in float32 is an fp16 model; a downcast is what was evaluated: an fp32 checkpoint evaluated
+    in bfloat16 is a bf16 model). Both dtypes are recorded (``storage_dtype``, ``eval_dtype``).
     """
     quantized = list(quantized or [])
     mods = _modules_by_name(model)
@@ -56,15 +63,41 @@ def account(
         b += int((extra_bits or {}).get(name, 0))
         params_q += n
         bits_q += b
+    sdt = as_dtype(storage_dtype)
+    eval_dtype = None
     for p in model.parameters():  # unique tensors (tied weights once)
         if id(p) in seen:
             continue
         seen.add(id(p))
         params_total += p.numel()
+        if p.dtype.is_floating_point and eval_dtype is None:
+            eval_dtype = p.dtype
         if id(p) not in qweights:
-            total_bits += p.numel() * dtype_bits(p.dtype)
+            b = dtype_bits(p.dtype)
+            if sdt is not None and p.dtype.is_floating_point:
+                b = min(b, dtype_bits(sdt))
+            total_bits += p.numel() * b
     total_bits += bits_q
-    return summary(cfg.to_dict(), params_total, params_q, len(quantized), bits_q, total_bits)
+    qc = cfg.to_dict()
+    dtypes = {"storage_dtype": _name(sdt or eval_dtype), "eval_dtype": _name(eval_dtype)}
+    if cfg.is_baseline and (sdt or eval_dtype) is not None:
+        # an fp32 checkpoint evaluated in fp32 is a 32-bit baseline, not 16
+        qc["bits"] = min(dtype_bits(d) for d in (sdt, eval_dtype) if d is not None)
+    return summary(qc, params_total, params_q, len(quantized), bits_q, total_bits, **dtypes)
+
+
+def as_dtype(d):
+    """A torch floating dtype from a dtype or its name ("float16", "torch.bfloat16"); None else."""
+    import torch
+
+    if d is None or isinstance(d, torch.dtype):
+        return d
+    t = getattr(torch, str(d).replace("torch.", "").strip(), None)
+    return t if isinstance(t, torch.dtype) and t.is_floating_point else None
+
+
+def _name(dt) -> str | None:
+    return None if dt is None else str(dt).replace("torch.", "")
 
 
 def summary(quant_config, params_total: int, params_q: int, layers_q: int, bits_q: float,

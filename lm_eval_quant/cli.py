@@ -138,6 +138,9 @@ def run_lm_eval(argv: list[str]) -> int:
 
     precheck_command_line(list(argv))  # bad hf-quant arguments: one line before the task index
     add_task_dir(lm_eval_quant.task_dir())
+    from lm_eval_quant import _quiet
+
+    _quiet.quiet_git()  # no "fatal: not a git repository" outside a checkout
     from lm_eval.__main__ import cli_evaluate
 
     saved = sys.argv
@@ -151,6 +154,9 @@ def run_lm_eval(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from lm_eval_quant import _quiet
+
+    _quiet.install()  # known-harmless library noise (see lm_eval_quant/_quiet.py)
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return run_subcommand(argv[0], argv[1:])

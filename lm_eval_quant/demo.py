@@ -41,6 +41,14 @@ HELDOUT_SEED = 4242        # stories for the task: not the training text
 CALIB_SEED = 7
 
 
+#: printed after the demo's report: what to measure on small models of one's own
+SMALL_MODEL_HINT = (
+    "hint: the report ranks by held-out perplexity, as you should for small models of your own: "
+    "below ~1B parameters the accuracy suites (misinformation, hallucination) answer at chance for "
+    "every precision, so use wikitext2_gptq / c4_gptq (token perplexity) and the report's "
+    "beyond-accuracy columns instead (docs/tasks.md, 'Small models answer these tasks at chance')")
+
+
 # ------------------------------------------------------------------------------------------------
 # the bundled task
 
@@ -412,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report: {rep.files['markdown']}")
     print(f"plots:  {rep.files['scaling_png']}\n        {rep.files['pareto_png']}"
           + (f"\n        {rep.files['flips_png']}" if "flips_png" in rep.files else ""))
+    print(SMALL_MODEL_HINT)
     print(f"spec:   {out / 'demo_sweep.yaml'}  (rerun: lm-eval-quant sweep {out / 'demo_sweep.yaml'} "
           f"--out {out / 'sweep'})")
     return 0 if not failed else 1

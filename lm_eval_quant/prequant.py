@@ -241,7 +241,8 @@ def _checkpoint_dir(model) -> Path | None:
 
 
 def nominal_bits_per_weight(qc: dict) -> float | None:
-    """The textbook figure for GPTQ/AWQ: k + (fp16 scale + k-bit packed zero) / group."""
+    """The textbook figure for GPTQ/AWQ: k + (fp16 scale + k-bit packed zero) / group (asymmetric;
+    the same as ``Format.bits_per_weight`` on the fly)."""
     bits = qc.get("bits", qc.get("w_bit"))
     gs = qc.get("group_size", qc.get("q_group_size"))
     if not isinstance(bits, int) or not isinstance(gs, int) or gs <= 0:
@@ -370,6 +371,19 @@ def account_prequantized(model, cfg=None) -> dict | None:
             continue  # packed integer params not recognised above are never counted as weights
         params_total += p.numel()
         total_bits += _tensor_bits(p)
+    # One definition of bits per weight for on-the-fly runs and checkpoints (docs/DESIGN.md):
+    # codes + scales + zero points (asymmetric only) + g_idx (act order only). What a layout
+    # stores beyond that as a pure function of its config (GPTQ's g_idx = i // group without
+    # act order, its constant qzeros when sym) is layout overhead: left out of the figures and
+    # reported here, with the file's own bits per weight.
+    file_bits_q = bits_q
+    overhead = 0
+    if not qc.get("desc_act"):
+        overhead += by_kind.get("g_idx", 0)
+    if qc.get("sym") is True:
+        overhead += by_kind.get("qzeros", 0)
+    bits_q -= overhead
+    total_bits -= overhead
     pre = {
         "quant_method": method,
         "description": describe(qc),
@@ -380,6 +394,8 @@ def account_prequantized(model, cfg=None) -> dict | None:
         "format": qc.get("checkpoint_format", qc.get("format", qc.get("version"))),
         "nominal_bits_per_weight": nominal_bits_per_weight(qc),
         "quantized_tensor_bits": by_kind,
+        "layout_overhead_bits": overhead,
+        "file_bits_per_quantized_weight": (file_bits_q / params_q) if params_q else None,
         "quantization_config": {k: v for k, v in qc_json.items() if k != "meta"},
     }
     pre["packed_tensors_read_from"] = sorted(source)

@@ -462,3 +462,27 @@ def test_refuses_to_overwrite_foreign_folder(llama_dir, tmp_path):
     assert (llama_dir / "model.safetensors").exists()
     out = save_quantized(m, cfg, tmp_path / "q", report=rep, progress=False)
     save_quantized(m, cfg, out, report=rep, progress=False)                   # re-export: allowed
+
+
+@pytest.mark.parametrize("bits,sym,gs", [(4, False, 32), (3, True, 32)])
+def test_exported_bits_per_weight_equal_on_the_fly(llama_dir, tmp_path, bits, sym, gs):
+    """One definition (README "Bit accounting"): the same weights count the same bits/weight and
+    the same total on the fly and once exported; the file's extra g_idx (and sym's constant
+    qzeros) are reported as layout overhead."""
+    from lm_eval_quant import prequant
+    from lm_eval_quant.accounting import account
+
+    m = _load(llama_dir)
+    cfg, rep = _rtn(m, bits=bits, group_size=gs, sym=sym)
+    fly = account(m, cfg, rep.quantized)
+    out = save_quantized(m, cfg, tmp_path / "q", report=rep, progress=False)
+    q = _gptq_reload(out, bits)
+    pre = prequant.account_prequantized(q)
+    assert fly["bits_per_quantized_weight"] == bits + (16 + (0 if sym else bits)) / gs
+    assert pre["bits_per_quantized_weight"] == pytest.approx(fly["bits_per_quantized_weight"], abs=1e-12)
+    assert pre["params_quantized"] == fly["params_quantized"]
+    assert pre["total_bits"] == fly["total_bits"]
+    p = pre["prequantized"]
+    g_idx_bits = p["quantized_tensor_bits"]["g_idx"]
+    assert p["layout_overhead_bits"] == g_idx_bits + (p["quantized_tensor_bits"]["qzeros"] if sym else 0)
+    assert p["file_bits_per_quantized_weight"] > pre["bits_per_quantized_weight"]

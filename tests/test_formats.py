@@ -200,9 +200,11 @@ def test_canonical_names():
     assert canonical_format("fp", 4) == "fp:e2m1"
     assert canonical_format("fp", 8) == "fp:e4m3"
     assert canonical_format("FP:E3M2", 6) == "fp:e3m2"
-    assert make_format("int", 4, False).stat_bits == 32
+    # asym: fp16 scale + the zero point at k bits (an integer code in [0, 2^k))
+    assert make_format("int", 4, False).stat_bits == 16 + 4
+    assert make_format("int", 3, False).stat_bits == 16 + 3
     assert make_format("int", 4, True).stat_bits == 16
-    assert make_format("int", 4, False).bits_per_weight(128) == 4.25
+    assert make_format("int", 4, False).bits_per_weight(128) == 4 + 20 / 128 == 4.15625
 
 
 @pytest.mark.parametrize("spec,bits,sym", [("int", 4, False), ("int", 3, True), ("int", 8, False),

@@ -93,12 +93,12 @@ def test_end_to_end_llama_accounting(tiny_llama, toy_task_dir):
     assert 0.0 <= r["results"]["lmq_toy_mc"]["acc,none"] <= 1.0
     q = r["config"]["quantization"]
     assert q["quant_config"]["method"] == "rtn" and q["quant_config"]["bits"] == 4
-    assert q["bits_per_quantized_weight"] == 4.25  # 4 + (16-bit scale + 16-bit zero) / 128
+    assert q["bits_per_quantized_weight"] == 4.15625  # 4 + (16-bit scale + 4-bit zero) / 128
     # hand count: 2 layers × (4 attn 128×128 + 3 mlp 128×256) linears quantized
     n_q = 2 * (4 * 128 * 128 + 3 * 128 * 256)
     assert q["params_quantized"] == n_q
     unq = q["params_total"] - n_q
-    assert q["total_bits"] == n_q * 4.25 + unq * 32  # the rest is float32
+    assert q["total_bits"] == n_q * 4.15625 + unq * 32  # the rest is float32
     assert q["total_bytes"] == q["total_bits"] / 8
     assert q["lm_eval_quant_version"] == lm_eval_quant.__version__
     json.dumps(r["config"], default=str)  # serialisable as lm-eval writes it
@@ -128,10 +128,10 @@ def test_quantized_differs_from_baseline(tiny_llama, toy_task_dir):
     la = [s["resps"] for s in a["samples"]["lmq_toy_mc"]]
     lb = [s["resps"] for s in b["samples"]["lmq_toy_mc"]]
     assert la != lb
-    # per-channel: one fp16 scale + zero per output row of each linear
+    # per-channel: one fp16 scale + 2-bit zero per output row of each linear
     rows = 4 * 128 + 2 * 256 + 128
     n = 4 * 128 * 128 + 3 * 128 * 256
-    assert a["config"]["quantization"]["bits_per_quantized_weight"] == pytest.approx(2 + 32 * rows / n)
+    assert a["config"]["quantization"]["bits_per_quantized_weight"] == pytest.approx(2 + 18 * rows / n)
 
 
 @pytest.mark.slow

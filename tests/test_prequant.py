@@ -27,7 +27,8 @@ torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 
 from lm_eval_quant import prequant  # noqa: E402
-from lm_eval_quant.errors import QuantArgError  # noqa: E402
+from lm_eval_quant.errors import QuantArgError
+from lm_eval_quant.formats import make_format  # noqa: E402
 
 HIDDEN, INTER, LAYERS, HEADS = 64, 128, 2, 4
 BITS, GROUP = 4, 32
@@ -188,8 +189,16 @@ def test_gptq_checkpoint_loads_with_our_weights(tiny, gptq_ckpt, gptq_model):
 
 # ------------------------------------------------------------------------------------ accounting
 def _hand_bits_per_matrix(o: int, i: int) -> int:
+    """What the GPTQ file holds: codes + fp16 scale & packed zero per group + int32 g_idx."""
     n = o * i
-    return n * BITS + (n // GROUP) * (16 + BITS) + 32 * i  # codes + fp16 scale & packed zero + g_idx
+    return n * BITS + (n // GROUP) * (16 + BITS) + 32 * i
+
+
+def _hand_bits_defined(o: int, i: int) -> int:
+    """Our one definition (docs/DESIGN.md): the fixture is sym without act order, so its packed
+    zeros (all 2^(k-1)) and its g_idx (i // group) are layout overhead: codes + fp16 scale."""
+    n = o * i
+    return n * BITS + (n // GROUP) * 16
 
 
 @needs_gptq
@@ -198,11 +207,16 @@ def test_gptq_accounting_from_packed_tensors(tiny, gptq_model):
 
     info = prequant.account_prequantized(gptq_model)
     n_q = LAYERS * sum(o * i for o, i in SHAPES)
-    bits_q = LAYERS * sum(_hand_bits_per_matrix(o, i) for o, i in SHAPES)
-    assert (n_q, bits_q) == (81920, 411648)
+    file_bits_q = LAYERS * sum(_hand_bits_per_matrix(o, i) for o, i in SHAPES)
+    bits_q = LAYERS * sum(_hand_bits_defined(o, i) for o, i in SHAPES)
+    assert (n_q, file_bits_q, bits_q) == (81920, 411648, 368640)
     assert info["params_quantized"] == n_q
     assert info["layers_quantized"] == 7 * LAYERS
-    assert info["bits_per_quantized_weight"] == bits_q / n_q == 5.025
+    # the same figure as on the fly: 4-bit sym, groups of 32 → 4 + 16/32
+    assert info["bits_per_quantized_weight"] == bits_q / n_q == 4.5
+    assert info["bits_per_quantized_weight"] == make_format("int", 4, True).bits_per_weight(32)
+    assert info["prequantized"]["file_bits_per_quantized_weight"] == file_bits_q / n_q == 5.025
+    assert info["prequantized"]["layout_overhead_bits"] == file_bits_q - bits_q
     fp = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
     n_un = sum(p.numel() for p in fp.parameters()) - n_q
     assert info["params_total"] == n_un + n_q
@@ -213,8 +227,8 @@ def test_gptq_accounting_from_packed_tensors(tiny, gptq_model):
     assert pre["nominal_bits_per_weight"] == 4 + 20 / 32
     assert pre["quantized_tensor_bits"]["g_idx"] == LAYERS * 32 * sum(i for _, i in SHAPES)
     assert pre["quantization_config"]["damp_percent"] == 0.05  # read from config.json, not defaults
-    # on-disk tensors: the same bits (the file holds exactly what was loaded)
-    assert pre["checkpoint_tensor_bytes"] * 8 == info["total_bits"]
+    # on-disk tensors: the same bits plus the layout overhead (the file holds what was loaded)
+    assert pre["checkpoint_tensor_bytes"] * 8 == info["total_bits"] + pre["layout_overhead_bits"]
     assert pre["packed_tensors_read_from"] == ["checkpoint"]
     json.dumps(info)
 
@@ -229,7 +243,8 @@ def test_gptq_accounting_from_memory_when_no_local_files(gptq_ckpt):
     m.name_or_path = m.config._name_or_path = "someone/not-a-local-folder"
     info = prequant.account_prequantized(m)
     assert info["prequantized"]["packed_tensors_read_from"] == ["memory"]
-    assert info["bits_per_quantized_weight"] == 5.025
+    assert info["bits_per_quantized_weight"] == 4.5
+    assert info["prequantized"]["file_bits_per_quantized_weight"] == 5.025
     assert info["quant_config"]["bits"] == 4 and info["quant_config"]["method"] == "gptq"
 
 
@@ -319,7 +334,8 @@ def test_end_to_end_gptq_checkpoint(gptq_ckpt, toy_task, method_arg):
     assert 0.0 <= res["results"]["lmq_prequant_toy"]["acc,none"] <= 1.0
     q = res["config"]["quantization"]
     json.dumps(q)
-    assert q["bits_per_quantized_weight"] == 5.025
+    assert q["bits_per_quantized_weight"] == 4.5  # = on the fly (sym 4-bit g32); the file: 5.025
+    assert q["prequantized"]["file_bits_per_quantized_weight"] == 5.025
     assert q["prequantized"]["bits"] == 4 and q["prequantized"]["group_size"] == 32
     assert (q["quant_config"]["method"], q["quant_config"]["bits"], q["quant_config"]["group_size"]) == ("gptq", 4, 32)
 

@@ -56,10 +56,10 @@ def test_accounting_counts_the_real_number_of_groups():
     model = torch.nn.Sequential(lin)
     cfg = build_config(method="rtn", bits=4, group_size=32, sym=False)
     acc = account(model, cfg, quantized=["0"])
-    # 8 rows × 4 groups (32+32+32+4) × (fp16 scale + fp16 zero) + 800 weights × 4 bits
-    want = 800 * 4 + 8 * 4 * 32
+    # 8 rows × 4 groups (32+32+32+4) × (fp16 scale + 4-bit zero) + 800 weights × 4 bits
+    want = 800 * 4 + 8 * 4 * 20
     assert acc["bits_per_quantized_weight"] == pytest.approx(want / 800)
-    assert acc["bits_per_quantized_weight"] == pytest.approx(4 + 32 * 4 / 100)  # 5.28, not 4 + 32/32
+    assert acc["bits_per_quantized_weight"] == pytest.approx(4 + 20 * 4 / 100)  # 4.8, not 4 + 20/32
 
 
 def _correlated(n=1024, d=100, seed=0):
@@ -175,5 +175,5 @@ def test_methods_run_end_to_end_on_ragged_widths(ragged_llama, calib_file, metho
     shapes = [tuple(dict(m.named_modules())[n].weight.shape) for n in rep.quantized]  # (out, in)
     assert {i for _, i in shapes} == {96, 160}
     n = sum(o * i for o, i in shapes)
-    bits = n * 4 + sum(o * -(-i // 64) for o, i in shapes) * 32  # a short group still stores scale + zero
+    bits = n * 4 + sum(o * -(-i // 64) for o, i in shapes) * 20  # a short group still stores scale + 4-bit zero
     assert acc["bits_per_quantized_weight"] == pytest.approx(bits / n)

@@ -71,8 +71,8 @@ def write_lm_eval_layout(out: Path, d: dict, ts="2026-11-23T10-00-00.000000") ->
 
 
 def quant_block(method, bits, group, params_total, params_q, other_bits=16, fmt="int", sym=False):
-    """What lm_eval_quant.accounting.account() writes, for a model whose quantized weights cost
-    bits + 32/group (int asym: fp16 scale + fp16 zero) and whose other params sit at other_bits."""
+    """A block shaped like lm_eval_quant.accounting.account()'s, for a model whose quantized
+    weights cost the fixture's own bits + 32/group and whose other params sit at other_bits."""
     bpw = bits + 32 / group
     total_bits = params_q * bpw + (params_total - params_q) * other_bits
     return {
@@ -367,7 +367,10 @@ def test_budget_larger_4bit_beats_smaller_16bit(study):
     assert best_under(t, "wikitext", 8.0).model == "llama-13b"
     assert best_under(t, "mean", 1.0) is None
     row, text = budget_answer(t, "mean", 15.0)
-    assert text.startswith("Best under 15 GB: llama-13b rtn 4-bit g128 (llama) — 7.641 GB")
+    # human units in the text (exact GB in the CSV), and what was compared
+    assert text.startswith("Best under 15 GB: llama-13b rtn 4-bit g128 (llama) — 7.64 GB, "
+                           "mean accuracy over 2 task(s) = 0.7875 (compared 5 run(s) that fit by "
+                           "mean accuracy over 2 task(s) (hellaswag, piqa); higher is better)")
     assert "| llama-13b | llama | rtn | int | 4 | 128 | 4.250 |" in text
 
 

@@ -52,8 +52,10 @@ class Format:
     # -- accounting ---------------------------------------------------------------------------
     @property
     def stat_bits(self) -> int:
-        """Bits of statistics stored per block: fp16 scale, plus an fp16 zero when asymmetric."""
-        return 32 if (self.kind == "int" and not self.sym) else 16
+        """Bits of statistics stored per block: an fp16 scale, plus, when asymmetric, the zero
+        point at k bits (it is an integer code in [0, 2^k), see ``fit``; GPTQ-format checkpoints
+        store it packed at k bits too). docs/DESIGN.md, "Bits per weight"."""
+        return 16 + self.bits if (self.kind == "int" and not self.sym) else 16
 
     def bits_per_weight(self, block: int) -> float:
         return self.bits + self.stat_bits / block

@@ -117,10 +117,12 @@ class Method:
     def quantize(self, model: nn.Module, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
         raise NotImplementedError
 
-    def accounting(self, model: nn.Module, cfg: QuantConfig, report: QuantReport) -> dict:
+    def accounting(self, model: nn.Module, cfg: QuantConfig, report: QuantReport,
+                   storage_dtype=None) -> dict:
         from ..accounting import account
 
-        return account(model, cfg, report.quantized, extra_bits=report.extra.get("extra_bits"))
+        return account(model, cfg, report.quantized, extra_bits=report.extra.get("extra_bits"),
+                       storage_dtype=storage_dtype)
 
 
 # argument parsing lives in the argument layer (one vocabulary); re-exported for methods

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .collect import Run, collect, failed_cells
+from .plots import human_size as _gb_text
 from .plots import best_under, plot_pareto, plot_scaling, write_points_csv
 from .table import Row, Table, build_table, row_markdown, to_csv, to_markdown
 
@@ -44,27 +45,49 @@ class Report:
     markdown: str = ""
 
 
+def _tied(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+
+
 def budget_answer(table: Table, metric: str, budget_gb: float) -> tuple[Row | None, str]:
-    """(row, text): the best model/precision under ``budget_gb`` and its evidence row."""
+    """(row, text): the best model/precision under ``budget_gb`` and its evidence row.
+
+    The text says what was compared (the metric, its tasks, how many runs fit). When the best
+    value is shared by another run that fits (a tie: e.g. every method answering an accuracy task
+    at chance), there is no answer: (None, text naming the tied runs)."""
     best = best_under(table, metric, budget_gb)
     label = table.metric_label(metric)
+    what = label
+    if metric == "mean" and table.mean_tasks:
+        what = f"{label} ({', '.join(table.mean_tasks)})"
+    elif metric in table.category_tasks:
+        what = f"{label} ({', '.join(table.category_tasks[metric])})"
+    budget = _gb_text(budget_gb)
     if best is None:
         sized = [r for r in table.rows if r.run.model_gb is not None
                  and table.value(r, metric) is not None]
         if not sized:
             return None, f"No run has both a model size and {label}."
         small = min(sized, key=lambda r: r.run.model_gb)
-        return None, (f"Nothing fits in {budget_gb:g} GB: the smallest run is {small.run.label} "
-                      f"at {small.run.model_gb:.4g} GB.")
+        return None, (f"Nothing fits in {budget}: the smallest run is {small.run.label} "
+                      f"at {_gb_text(small.run.model_gb)}.")
     v = table.value(best, metric)
-    n_fit = sum(1 for r in table.rows if r.run.model_gb is not None
-                and r.run.model_gb <= budget_gb and table.value(r, metric) is not None)
+    fit = [r for r in table.rows if r.run.model_gb is not None
+           and r.run.model_gb <= budget_gb and table.value(r, metric) is not None]
+    hib = table.higher_is_better(metric)
+    compared = (f"compared {len(fit)} run(s) that fit by {what}; "
+                f"{'higher' if hib else 'lower'} is better")
+    ties = [r for r in fit if r is not best and _tied(table.value(r, metric), v)]
+    if ties:
+        names = ", ".join(r.run.label for r in [best] + ties)
+        return None, (f"No answer under {budget}: {len(ties) + 1} runs tie at {label} = {v:.4f} "
+                      f"({names}); {compared}. The metric does not tell them apart: rank by another "
+                      f"--metric (perplexity separates precisions best; an accuracy task answered "
+                      f"at chance never does), or evaluate more samples.")
     err = best.stderrs.get(metric)
     ve = f"{v:.4f}" + (f" ± {err:.4f}" if err is not None else "")
-    text = (f"Best under {budget_gb:g} GB: {best.run.label} ({best.family}) — "
-            f"{best.run.model_gb:.4g} GB, {label} = {ve} "
-            f"(best of {n_fit} run(s) that fit; "
-            f"{'higher' if table.higher_is_better(metric) else 'lower'} is better)\n\n"
+    text = (f"Best under {budget}: {best.run.label} ({best.family}) — "
+            f"{_gb_text(best.run.model_gb)}, {label} = {ve} ({compared})\n\n"
             "Evidence:\n\n" + row_markdown(table, best))
     return best, text
 
@@ -113,7 +136,7 @@ def make_report(paths, out_dir, metric: str | None = None, budget_gb: float | No
     for cat, ts in table.category_tasks.items():
         parts.append(f"`{cat} mean` = mean of: {', '.join(ts)}.\n")
     for n in table.notes:
-        parts.append(f"Note: {n}.\n")
+        parts.append((n if n.startswith("Warning:") else f"Note: {n}") + ".\n")
     parts.append("\n" + md)
     if budget_gb is not None:
         rep.best, text = budget_answer(table, m, budget_gb)

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(to_markdown(rep.table))
         for n in rep.table.notes:
-            print(f"Note: {n}.")
+            print(n + "." if n.startswith("Warning:") else f"Note: {n}.")
     if args.budget_gb is not None:
         from lm_eval_quant.report import budget_answer
 

@@ -91,6 +91,8 @@ class Run:
     measured_gb: float | None = None    # resident bytes of the model's weights and buffers
     peak_gb: float | None = None        # CUDA max_memory_allocated, or peak RSS above the start on CPU
     tok_s: float | None = None          # loglikelihood tokens/s of the run
+    storage_dtype: str | None = None  # the checkpoint's dtype (accounting counts unquantized parts at it)
+    eval_dtype: str | None = None     # the dtype the evaluation computed in
 
     @property
     def label(self) -> str:
@@ -270,6 +272,19 @@ def run_from_results(d: dict, path: Path) -> Run:
     params = _num(cfg.get("model_num_parameters"))
     dtype_bits = _dtype_bits(cfg.get("model_dtype") or margs.get("dtype"))
     limit = cfg.get("limit")
+    eval_dtype = _dtype_name(cfg.get("model_dtype") or margs.get("dtype"), None)
+    eval_dtype = None if eval_dtype == "?" else eval_dtype
+    storage_dtype = None
+    counted_dtype = cfg.get("model_dtype")
+    if q is not None and q.get("storage_dtype"):
+        # ours since 0.2: the checkpoint's dtype; unquantized parts count at the narrower of it
+        # and the evaluation dtype (accounting.account)
+        storage_dtype = str(q["storage_dtype"])
+        eval_dtype = str(q.get("eval_dtype") or eval_dtype)
+        cands = [d for d in (storage_dtype, eval_dtype) if _dtype_bits(d)]
+        if cands:
+            counted_dtype = min(cands, key=_dtype_bits)
+            dtype_bits = _dtype_bits(counted_dtype)
     if q is not None:
         qc = q.get("quant_config") or {}
         method = str(qc.get("method", "none"))
@@ -298,7 +313,7 @@ def run_from_results(d: dict, path: Path) -> Run:
             method = "none"
             b = dtype_bits or (bpp if bpp is not None else bits)
             bits = float(b) if b is not None else None
-            gs, sym, fmt = None, None, _dtype_name(cfg.get("model_dtype"), bits)
+            gs, sym, fmt = None, None, _dtype_name(counted_dtype, bits)
             options = {}
             if bpw is None or not _num(q.get("params_quantized")):
                 bpw = bits
@@ -358,6 +373,8 @@ def run_from_results(d: dict, path: Path) -> Run:
         measured_gb=measured_gb,
         peak_gb=peak / GB if peak is not None else None,
         tok_s=_num(ex.get("loglikelihood_tokens_per_s")),
+        storage_dtype=storage_dtype,
+        eval_dtype=eval_dtype,
     )
 
 

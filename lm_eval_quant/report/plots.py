@@ -113,6 +113,55 @@ def _plt():
     return plt
 
 
+def human_size(gb: float) -> str:
+    """A memory figure in human units for text and legends: MB under 1 GB, GB above (10^6 /
+    10^9 bytes, like the accounting); report.csv keeps the exact GB."""
+    if gb < 1.0:
+        mb = gb * 1e3
+        return f"{mb:.3g} MB" if mb < 100 else f"{mb:.0f} MB"
+    return f"{gb:.3g} GB" if gb < 100 else f"{gb:.0f} GB"
+
+
+#: a y-axis is logarithmic when every value is positive and max/min is at least this (one decade)
+LOG_Y_RATIO = 10.0
+
+
+def use_log_y(values) -> bool:
+    """True when the values span a decade or more (e.g. perplexities of 2-bit runs next to 16-bit
+    ones), so one outlier does not squash the rest; accuracies (0..1, ratio < 10) stay linear."""
+    vs = [v for v in values if v is not None and math.isfinite(v)]
+    return bool(vs) and min(vs) > 0 and max(vs) / min(vs) >= LOG_Y_RATIO
+
+
+#: label positions tried around a point, in points (dx, dy, horizontal alignment), nearest first
+_LABEL_OFFSETS = [(4, 4, "left"), (4, -10, "left"), (-4, 4, "right"), (-4, -10, "right"),
+                  (4, 14, "left"), (-4, 14, "right"), (4, -20, "left"), (-4, -20, "right"),
+                  (4, 24, "left"), (-4, 24, "right"), (4, -30, "left"), (-4, -30, "right")]
+
+
+def place_labels(fig, ax, items, fontsize=6) -> list[tuple[str, object]]:
+    """Annotate ``items`` ((text, x, y), …) so that no two labels overlap: each label takes the
+    first of ``_LABEL_OFFSETS`` whose box (display coordinates) overlaps no label already placed
+    and stays inside the axes; a label with no free position is left out (every point is still
+    in the points CSV). Returns [(text, bbox)] of the labels drawn."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axbox = ax.get_window_extent(renderer)
+    placed: list[tuple[str, object]] = []
+    for text, x, y in items:
+        for dx, dy, ha in _LABEL_OFFSETS:
+            ann = ax.annotate(text, (x, y), fontsize=fontsize, xytext=(dx, dy),
+                              textcoords="offset points", ha=ha)
+            bb = ann.get_window_extent(renderer)
+            inside = (bb.x0 >= axbox.x0 and bb.x1 <= axbox.x1 and bb.y0 >= axbox.y0
+                      and bb.y1 <= axbox.y1)
+            if inside and not any(bb.overlaps(o) for _, o in placed):
+                placed.append((text, bb))
+                break
+            ann.remove()
+    return placed
+
+
 _MARKERS = {"none": "*", "rtn": "o", "gptq": "s", "awq": "^", "bnb": "D"}
 _STYLES = {"none": "-", "rtn": "--", "gptq": "-", "awq": "-.", "bnb": ":"}
 
@@ -167,6 +216,8 @@ def plot_scaling(table: Table, metric: str, path: Path, title: str | None = None
                     label=label, markersize=7 if m == "none" else 5)
         ax.set_xscale("log", base=2)
         _log2_ticks(ax, [p["total_bits"] for p in fp])
+        if use_log_y([p["value"] for p in fp]):
+            ax.set_yscale("log")
         ax.set_xlabel("total model bits (log2 axis)")
         ax.set_ylabel(table.metric_label(metric))
         ax.set_title(f"{fam}")
@@ -199,18 +250,19 @@ def plot_pareto(table: Table, metric: str, path: Path, title: str | None = None,
                 color="red", linewidth=1.5, label="Pareto frontier")
         ax.scatter([p["model_gb"] for p in front], [p["value"] for p in front], s=60,
                    facecolors="none", edgecolors="red")
-        for p in front:
-            ax.annotate(p["label"], (p["model_gb"], p["value"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
     if budget_gb is not None:
-        ax.axvline(budget_gb, color="grey", linestyle=":", label=f"budget {budget_gb:g} GB")
+        ax.axvline(budget_gb, color="grey", linestyle=":", label=f"budget {human_size(budget_gb)}")
     ax.set_xscale("log")
+    if use_log_y([p["value"] for p in pts]):
+        ax.set_yscale("log")
     ax.set_xlabel("model memory (GB, weights incl. quantization statistics)")
     ax.set_ylabel(table.metric_label(metric))
     ax.set_title(title or "best metric per memory across families")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
+    # frontier labels last, once the layout (and so the display coordinates) is final
+    place_labels(fig, ax, [(p["label"], p["model_gb"], p["value"]) for p in front])
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return pts

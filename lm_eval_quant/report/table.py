@@ -2,7 +2,8 @@
 
 Rules (also in docs/report.md):
 
-* **Main metric of a task** — in this order: a ``--task-metric TASK=METRIC`` override; for the
+* **Main metric of a task** — in this order: a ``--task-metric TASK=METRIC`` override; the
+  task's paper metric from ``PAPER_METRICS`` (``wikitext2_gptq``/``c4_gptq``: token perplexity); for the
   tasks in ``NORM_TASKS`` (whose harness convention is length-normalised accuracy) ``acc_norm``;
   otherwise the first of ``METRIC_PRIORITY`` the task reports; otherwise the first metric in the
   file. The harness filter ``none`` is preferred, else the first filter written.
@@ -37,6 +38,10 @@ CATEGORIES = ("NLU", "reasoning", "misinformation", "hallucination", "kbit_zeros
 
 #: tasks whose customary headline metric is length-normalised accuracy
 NORM_TASKS = ("hellaswag*", "arc_easy*", "arc_challenge*", "openbookqa*", "lmq_hellaswag*", "lmq_arc*")
+
+#: the metric the papers report for a task (GPTQ/AWQ/2212.09720 quote token perplexity on
+#: WikiText-2 and C4); chosen before ``METRIC_PRIORITY``, after a ``--task-metric`` override
+PAPER_METRICS = {"wikitext2_gptq": "token_perplexity", "c4_gptq": "token_perplexity"}
 
 #: first one present wins
 METRIC_PRIORITY = (
@@ -190,6 +195,8 @@ def choose_metric(task_name: str, metrics: set[str], overrides: dict[str, str] |
                   order: list[str] | None = None) -> str | None:
     if overrides and task_name in overrides and overrides[task_name] in metrics:
         return overrides[task_name]
+    if PAPER_METRICS.get(task_name) in metrics:
+        return PAPER_METRICS[task_name]
     if "acc_norm" in metrics and any(fnmatch.fnmatchcase(task_name, p) for p in NORM_TASKS):
         return "acc_norm"
     for m in METRIC_PRIORITY:
@@ -249,6 +256,8 @@ class Row:
             "measured_gb": r.measured_gb,
             "peak_gb": r.peak_gb,
             "tok_s": r.tok_s,
+            "storage_dtype": r.storage_dtype,
+            "eval_dtype": r.eval_dtype,
         }
 
 
@@ -296,6 +305,11 @@ class Table:
             if self.mean_tasks:
                 return "mean"
             if self.columns:
+                note = (f"no accuracy-like task is shared by every run, so plots and the budget "
+                        f"rank by the first column, {self.columns[0].header}; choose another "
+                        f"with --metric")
+                if note not in self.notes:
+                    self.notes.append(note)
                 return self.columns[0].task
             raise QuantArgError("report: the results hold no task metrics to plot")
         if spec in keys:
@@ -398,6 +412,14 @@ def build_table(runs: list[Run], task_metric: dict[str, str] | None = None,
         row.means["mean"] = _mean([row.values[t] for t in mean_tasks])
         for cat, ts in category_tasks.items():
             row.means[cat] = _mean([row.values[t] for t in ts])
+    limits = {limit_text(row.run.limit) for row in rows}
+    if len(limits) > 1:
+        def _order(x):
+            return (x == "none", float(x) if x != "none" else 0.0)
+
+        notes.append("Warning: the runs used different --limit values (" + ", ".join(
+            sorted(limits, key=_order)) + "): rows that differ only in limit are separate rows, and numbers "
+            "from different limits are not comparable; re-run with one --limit")
     rows.sort(key=lambda row: (
         row.family,
         row.run.params_total or 0,
@@ -410,6 +432,11 @@ def build_table(runs: list[Run], task_metric: dict[str, str] | None = None,
     ))
     return Table(rows=rows, columns=columns, mean_tasks=mean_tasks,
                  category_tasks=category_tasks, notes=notes)
+
+
+def limit_text(limit) -> str:
+    """A run's ``--limit`` as shown in notes: ``none`` for a full evaluation."""
+    return "none" if limit is None else _fmt_bits(limit)
 
 
 def _mean(xs):

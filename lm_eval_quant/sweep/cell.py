@@ -117,8 +117,11 @@ def run_cell(cell_dir: Path) -> int:
         t[0] = now
 
     import lm_eval_quant
+    from lm_eval_quant import _quiet
 
     lm_eval_quant.register()
+    _quiet.install()  # known-harmless library noise (see lm_eval_quant/_quiet.py)
+    _quiet.quiet_git()
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
 
