@@ -17,9 +17,9 @@ Methods (``--methods``):
   fp                 the unquantized model
   rtn                round-to-nearest, int asymmetric (the house default)
   gptq               ours, house defaults (damp 0.01, block 128, true_sequential, no act_order)
-  gptq-plain         ours with token_cap=0: the reference's plain Hessian (what 0.1 shipped)
   gptq-ao            ours with act_order=true
-  gptq-ao-plain      ours with act_order=true and token_cap=0
+  gptq-cap100        ours with token_cap=100 (massive-activation tokens capped in H)
+  gptq-ao-cap100     ours with act_order=true and token_cap=100
   gptq-d05           ours with damp=0.05 (GPTQModel's default dampening)
   gptqmodel          GPTQModel with OUR settings matched: damp 0.01, desc_act off, act_group_aware off
   gptqmodel-defaults GPTQModel with its own defaults (damp 0.05, act_group_aware on)
@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-METHODS = ["fp", "rtn", "gptq", "gptq-plain", "gptq-ao", "gptq-ao-plain", "gptq-d05", "gptqmodel", "gptqmodel-defaults", "awq", "awq-linear", "awq-oracle"]
+METHODS = ["fp", "rtn", "gptq", "gptq-ao", "gptq-cap100", "gptq-ao-cap100", "gptq-d05", "gptqmodel", "gptqmodel-defaults", "awq", "awq-linear", "awq-oracle"]
 
 
 def models_root() -> Path:
@@ -273,8 +273,8 @@ def worker(job: dict) -> dict:
                 opts = dict(job.get("options") or {})
                 if meth.startswith("gptq-ao"):
                     opts["act_order"] = True
-                if meth.endswith("-plain"):
-                    opts["token_cap"] = 0.0
+                if meth.endswith("-cap100"):
+                    opts["token_cap"] = 100.0
                 if meth == "awq-linear":
                     opts["loss"] = "linear"
                 if meth == "gptq-d05":
