@@ -459,7 +459,7 @@ def _write_checkpoint(model, cfg, out: Path, tmp: Path, lins, qstate, bits, grou
     from tqdm.auto import tqdm
 
     from . import __version__
-
+    from .formats.base import block_length
 
     dtype = next(model.parameters()).dtype
     packed: dict[str, Any] = {}
