@@ -93,7 +93,9 @@ def test_method_in_model(tiny_llama):
     rep = get_method("hqq").quantize(model, cfg, QuantContext(progress=False))
     assert len(rep.quantized) == 14
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, hqq_quantize_matrix(W0, 4, 64))
-    assert account(model, cfg, rep.quantized)["bits_per_quantized_weight"] == 4 + 32 / 64
+    # fp16 scale + fp16 zero per block of 64: HQQ's zero is a real number, not a k-bit code
+    assert get_method("hqq").accounting(model, cfg, rep)["bits_per_quantized_weight"] == 4 + 32 / 64
+    assert account(model, cfg, rep.quantized)["bits_per_quantized_weight"] == 4 + (16 + 4) / 64  # int asym
 
 
 @pytest.mark.parametrize("kw,needle", [

@@ -105,7 +105,7 @@ def test_vllm_cell_plumbing_with_stand_in(tiny_llama, toy_task_dir, tmp_path, mo
     assert (qc["quant_method"], qc["bits"], qc["group_size"]) == ("gptq", 4, 32)
     q = r["config"]["quantization"]
     assert q["quant_config"]["method"] == "rtn" and q["quant_config"]["bits"] == 4
-    assert q["bits_per_quantized_weight"] == 4 + 32 / 32
+    assert q["bits_per_quantized_weight"] == 4 + (16 + 4) / 32
     ex = q["execution"]
     assert ex["backend"] == "vllm" and ex["export_dir"] == str(exp) and ex["loglikelihood_requests"] > 0
     assert ex["vllm_model_args"]["tensor_parallel_size"] == "2"

@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import QuantArgError
-from ..formats.base import _to_fp16_grid
+from ..formats.base import _to_fp16_grid, n_groups
 from .base import (
     Method,
     QuantConfig,
@@ -141,6 +141,7 @@ class HQQ(Method):
         check_group_size(linears, cfg.group_size)
         device = torch.device(ctx.device) if ctx.device is not None else None
         report = QuantReport()
+        extra_bits: dict[str, int] = {}
         for name, mod in tqdm(linears, desc=f"hqq {cfg.bits}-bit", unit="layer", disable=not ctx.progress):
             untie_if_shared(model, mod)
             W = weight_matrix(mod)
@@ -148,6 +149,10 @@ class HQQ(Method):
             set_weight_matrix(mod, hqq_quantize_matrix(Wd, cfg.bits, cfg.group_size, **opts).to(W.device))
             report.quantized.append(name)
             report.modified.append(f"{name}.weight")
+            # HQQ's zero point is a real number stored at fp16, not a k-bit code as int asym counts it
+            rows, cols = W.shape
+            extra_bits[name] = rows * n_groups(cols, cfg.group_size) * (16 - int(cfg.bits))
+        report.extra["extra_bits"] = extra_bits
         report.seconds = time.perf_counter() - t0
         report.extra["hqq"] = {**opts, "stats": "fp16 scale + fp16 zero per block"}
         return report

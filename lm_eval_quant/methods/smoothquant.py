@@ -221,8 +221,8 @@ class Smoothed(Method):
     def load_kwargs(self, cfg):
         return self.inner.load_kwargs(cfg)
 
-    def accounting(self, model, cfg, report):
-        return self.inner.accounting(model, cfg, report)
+    def accounting(self, model, cfg, report, storage_dtype=None):
+        return self.inner.accounting(model, cfg, report, storage_dtype=storage_dtype)
 
     def quantize(self, model: nn.Module, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
         t0 = time.perf_counter()

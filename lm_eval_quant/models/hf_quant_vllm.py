@@ -45,7 +45,7 @@ from ..errors import QuantArgError
 log = logging.getLogger("lm_eval_quant")
 _P = "hf-quant-vllm"
 # quantization/loading keys we consume; everything else goes to lm-eval's vllm model
-_OURS = ("cache", "cache_dir", "export_dir", "checkpoint_format", "quant_device")
+_OURS = ("export_dir", "checkpoint_format", "quant_device")  # cache/cache_dir: the argument layer
 _HF_LOAD = ("revision", "trust_remote_code", "dtype")
 
 
@@ -87,27 +87,19 @@ class HFQuantVLLM(LM):
         import torch
 
         from ..export import _quantize, check_exportable, save_quantized
-        from ..methods import build_config, get_method
-        from .hf_quant import split_model_args
+        from ..args import resolve
 
         if not pretrained:
             raise QuantArgError(f"{_P}: pretrained=PATH_OR_HUB_ID is required")
         kwargs.pop("device", None)  # vLLM places the model itself
         ours = {k: kwargs.pop(k) for k in list(kwargs) if k in _OURS}
-        core, wrap, rest = split_model_args(kwargs)
-        if "method" in core and core["method"] is None:
-            core["method"] = "none"
-        core.setdefault("method", "rtn")
-        method = get_method(core["method"] or "rtn")
-        opts = {k: rest.pop(k) for k in list(rest) if k in method.OPTIONS}
-        if "keep_qstate" in method.OPTIONS:
-            opts.setdefault("keep_qstate", "true")  # exact integer state (act_order needs it)
+        r = resolve(dict(kwargs), where="hf-quant-vllm", known_rest=None, for_export=True)
         for k in ("execution", "kernel"):
-            if wrap.get(k) not in (None, "", "fake"):
+            if getattr(r.wrapper, k, None) not in (None, "", "fake"):
                 raise QuantArgError(f"{_P}: {k}= does not apply; vLLM runs the export with its own kernels")
-        if wrap.get("save_quantized") and not ours.get("export_dir"):
-            ours["export_dir"] = wrap["save_quantized"]  # the export is what vLLM evaluates
-        cfg = build_config(**core, **opts)
+        if r.wrapper.save_quantized and not ours.get("export_dir"):
+            ours["export_dir"] = r.wrapper.save_quantized  # the export is what vLLM evaluates
+        cfg, method, rest = r.cfg, r.method, dict(r.rest)
         check_exportable(cfg)
         require_vllm()
         self._cfg = cfg
@@ -117,13 +109,9 @@ class HFQuantVLLM(LM):
                       else Path(tempfile.mkdtemp(prefix="lmq-vllm-export-")) / "model")
         t0 = time.perf_counter()
         args = {"pretrained": pretrained, **{k: v for k, v in load.items() if v is not None}}
-        if ours.get("cache") is not None:
-            args["cache"] = ours["cache"]
-        if ours.get("cache_dir"):
-            args["cache_dir"] = ours["cache_dir"]
         qdev = ours.get("quant_device") or ("cuda" if torch.cuda.is_available() else "cpu")
         ns = SimpleNamespace(device=qdev, no_cache=False)
-        model, tok, report = _quantize(dict(args), cfg, method, ns)
+        model, tok, report = _quantize(dict(args), cfg, method, ns, r.wrapper)
         t_q = time.perf_counter() - t0
         self._accounting = method.accounting(model, cfg, report)
         dtype = next(model.parameters()).dtype
