@@ -92,6 +92,12 @@ class Method:
     real_kernels = False          # runs quantized kernels (not fake quantization) at eval time
     supported_bits: tuple[int, ...] = tuple(range(MIN_BITS, MAX_BITS + 1))  # quantized widths it takes
 
+    def _opts(self, cfg: QuantConfig) -> dict:
+        """Every declared option: the config's value, else the declared default."""
+        o = {k: d for k, (_, d) in self.OPTIONS.items()}
+        o.update(cfg.options or {})
+        return o
+
     def check_format(self, cfg: QuantConfig) -> str:
         """Return the canonical format name or raise QuantArgError."""
         try:

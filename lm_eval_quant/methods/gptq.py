@@ -331,11 +331,6 @@ class GPTQ(Method):
         "token_cap": (float, 0.0),
     }
 
-    def _opts(self, cfg: QuantConfig) -> dict:
-        o = {k: d for k, (_, d) in self.OPTIONS.items()}
-        o.update(cfg.options or {})
-        return o
-
     def validate(self, cfg: QuantConfig) -> None:
         try:
             make_format(cfg.format, cfg.bits, cfg.sym)

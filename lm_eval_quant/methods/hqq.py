@@ -112,11 +112,6 @@ class HQQ(Method):
         "kappa": (float, 1.0),
     }
 
-    def _opts(self, cfg: QuantConfig) -> dict:
-        o = {k: d for k, (_, d) in self.OPTIONS.items()}
-        o.update(cfg.options or {})
-        return o
-
     def validate(self, cfg: QuantConfig) -> None:
         if cfg.format != "int" or cfg.sym:
             raise QuantArgError(

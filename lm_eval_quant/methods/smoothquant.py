@@ -172,11 +172,6 @@ class SmoothQuant(Method):
         "calib_batch": (int, 0),
     }
 
-    def _opts(self, cfg: QuantConfig) -> dict:
-        o = {k: d for k, (_, d) in self.OPTIONS.items()}
-        o.update(cfg.options or {})
-        return o
-
     def validate(self, cfg: QuantConfig) -> None:
         from .calibration import validate_calib_args
 
