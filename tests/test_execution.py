@@ -404,7 +404,7 @@ def test_real_model_memory_is_released(tmp_path):
     assert r["after_rtn"] > 0.8 * r["fp32"]          # the fp32 model really was resident
     assert r["resident"] < 0.2 * r["fp32"]
     # RSS depends on the allocator: 0.14x-0.64x of the fp32 bytes seen (a fresh venv kept more cached); never the fp32 copy
-    assert r["after_real"] < 0.75 * r["fp32"] and r["after_real"] < 0.5 * r["after_rtn"], r
+    assert r["after_real"] < 0.75 * r["fp32"] and r["after_real"] < 0.6 * r["after_rtn"], r
 
 
 def _real_model(name):
