@@ -14,9 +14,11 @@ only copy: method names come from the method registry, core and wrapper keys, th
 true/false words and the ``skip=`` syntax are defined here once. Every problem is one
 :class:`~lm_eval_quant.errors.QuantArgError` line, raised before any weights are read.
 
-A method declares its options in one place, its ``OPTIONS`` mapping: ``name -> (type, default)`` or
-``name -> Option(type, default, min=..., max=..., choices=...)``. They are cast and range-checked here
-once; the method's ``validate`` then sees typed values only.
+A method declares its options in one place, its ``OPTIONS`` mapping
+``name -> Option(type, default, min=, max=, gt=, lt=, choices=, help=)`` (a bare ``(type, default)``
+tuple is still read, for third-party methods). They are cast and range-checked here once; the
+method's ``validate`` then checks only what involves several values, and ``quantize`` reads typed
+values (``Method._opts``) without casting them again.
 
 This module imports nothing heavy at import time (no torch): the method registry is imported
 lazily by the functions that need it.
@@ -52,8 +54,11 @@ SYMMETRIC_FORMATS = ("fp", "nf", "dynamic")
 
 @dataclass(frozen=True)
 class Option:
-    """A typed method option: ``type`` is int, float, bool or str; ``min``/``max`` bound numbers,
-    ``choices`` lists the allowed strings (compared lower-case)."""
+    """A typed method option: ``type`` is int, float, bool or str; ``min``/``max`` bound numbers
+    inclusively, ``gt``/``lt`` exclusively; ``choices`` lists the allowed strings (the value is
+    lower-cased before it is checked and stored); ``help`` (e.g. "the paper uses 20") ends the
+    error line. Checked once, by :func:`parse_option`; a method's ``validate`` keeps only the
+    checks that involve more than one value."""
 
     type: type
     default: Any
@@ -61,6 +66,19 @@ class Option:
     max: float | None = None
     choices: tuple[str, ...] | None = None
     help: str = ""
+    gt: float | None = None
+    lt: float | None = None
+
+    def bounds(self) -> str:
+        """``≥ 1 and ≤ 16``, ``> 0 and ≤ 1``, ... (empty when unbounded)."""
+        pairs = (("≥", self.min), (">", self.gt), ("≤", self.max), ("<", self.lt))
+        return " and ".join(f"{sym} {v:g}" for sym, v in pairs if v is not None)
+
+    def out_of_range(self, v: Any) -> bool:
+        if self.min is None and self.max is None and self.gt is None and self.lt is None:
+            return False
+        return (v != v or self.min is not None and v < self.min or self.max is not None and v > self.max
+                or self.gt is not None and v <= self.gt or self.lt is not None and v >= self.lt)
 
 
 def options_of(method: Any) -> dict[str, Option]:
@@ -149,14 +167,14 @@ def parse_option(method: str, name: str, typ: Any, v: Any) -> Any:
     elif opt.type is float:
         out = parse_float(name, v)
     else:
-        out = str(v)
-    if opt.choices is not None and str(out).lower() not in opt.choices:
-        raise QuantArgError(f"hf-quant: {name}={v} must be one of {', '.join(opt.choices)} (method={method})")
-    if opt.min is not None and out < opt.min or opt.max is not None and out > opt.max:
-        lo = "" if opt.min is None else f"≥ {opt.min:g}"
-        hi = "" if opt.max is None else f"≤ {opt.max:g}"
-        raise QuantArgError(f"hf-quant: {name}={v} is out of range; method={method} takes {name} "
-                            f"{' and '.join(x for x in (lo, hi) if x)}")
+        out = str(v).strip()
+    note = f" ({opt.help})" if opt.help else ""
+    if opt.choices is not None:
+        out = str(out).lower()
+        if out not in opt.choices:
+            raise QuantArgError(f"hf-quant: {name}={v} must be one of {', '.join(opt.choices)} (method={method}){note}")
+    if opt.out_of_range(out):
+        raise QuantArgError(f"hf-quant: {name}={v} is out of range; method={method} takes {name} {opt.bounds()}{note}")
     return out
 
 
@@ -335,7 +353,7 @@ def build_config(method: Any = None, bits: Any = None, group_size: Any = None, f
     if sy and not m.takes_sym:
         raise QuantArgError(f"hf-quant: method={mname} has no symmetric/asymmetric choice; drop sym")
     m.validate(cfg)
-    return cfg
+    return m.finalize(cfg)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -78,7 +79,9 @@ def test_option_declaration_ranges_and_choices():
     c = A.Option(str, "a", choices=("a", "b"))
     with pytest.raises(QuantArgError, match="must be one of a, b"):
         A.parse_option("m", "k", c, "z")
-    assert A.options_of(get_method("gptq"))["damp"] == A.Option(float, 0.01)
+    d = A.options_of(get_method("gptq"))["damp"]
+    assert (d.type, d.default, d.gt, d.lt) == (float, 0.01, 0, 10)
+    assert A.options_of(type("Old", (), {"OPTIONS": {"k": (int, 3)}}))["k"] == A.Option(int, 3)  # tuples still read
 
 
 # ------------------------------------------------------------------------------- resolve
@@ -232,3 +235,61 @@ def test_export_output_checks_and_stale_temp(tmp_path):
             check_exportable(A.build_config(method="rtn", bits=4, group_size=g))
     with pytest.raises(QuantArgError, match="method=bnb is not exportable; GPTQ-format export needs method="):
         check_exportable(A.build_config(method="bnb", bits=4))
+
+
+# ------------------------------------------------------------------ typed method options (issue 10)
+@pytest.mark.parametrize("method,kw,needle", [
+    ("gptq", dict(damp="0"), "damp=0 is out of range; method=gptq takes damp > 0 and < 10"),
+    ("gptq", dict(damp="nan"), "damp=nan is out of range"),
+    ("gptq", dict(damp="10"), "takes damp > 0 and < 10"),
+    ("gptq", dict(calib_batch="-1"), "calib_batch=-1 is out of range; method=gptq takes calib_batch ≥ 0 (0 = automatic)"),
+    ("gptq", dict(seqlen="0"), "seqlen=0 is out of range"),
+    ("gptq", dict(act_order="maybe"), "act_order must be true or false"),
+    ("gptq", dict(block_size="1.5"), "block_size must be an integer"),
+    ("awq", dict(loss="Block"), "loss=Block must be one of module, linear (method=awq)"),
+    ("awq", dict(max_shrink="0"), "max_shrink=0 is out of range; method=awq takes max_shrink > 0 and ≤ 1"),
+    ("hqq", dict(beta="0"), "beta=0 is out of range; method=hqq takes beta > 0"),
+    ("hqq", dict(lp_norm="0"), "takes lp_norm > 0 and ≤ 1"),
+    ("smoothquant", dict(calib_batch="-2"), "calib_batch=-2 is out of range"),
+    ("bnb", dict(compute_dtype="int4"), "compute_dtype=int4 must be one of auto, float32"),
+    ("bnb", dict(int8_threshold="-1", bits=8), "int8_threshold=-1 is out of range"),
+])
+def test_option_ranges_and_choices_are_one_line(method, kw, needle):
+    kw.setdefault("bits", 4)
+    with pytest.raises(QuantArgError) as e:
+        A.build_config(method=method, **kw)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg, msg
+
+
+def test_options_arrive_typed_and_choices_lower_cased():
+    cfg = A.build_config(method="awq", bits="4", loss="LINEAR", n_grid="5", clip="off", max_shrink="1")
+    assert cfg.options["loss"] == "linear" and cfg.options["n_grid"] == 5 and cfg.options["clip"] is False
+    assert isinstance(cfg.options["max_shrink"], float)
+    g = A.build_config(method="gptq", bits=4, act_order="yes", damp="1e-2")
+    assert g.options["act_order"] is True and g.options["damp"] == 0.01
+
+
+def test_every_method_declares_typed_options():
+    from lm_eval_quant.methods import available_methods
+
+    for name in available_methods():
+        for k, v in get_method(name).OPTIONS.items():
+            assert isinstance(v, A.Option), (name, k)
+            assert A.parse_option(name, k, v, v.default) == v.default  # the default passes its own checks
+
+
+def test_bnb_validate_does_not_mutate_the_config():
+    from lm_eval_quant.methods.base import QuantConfig
+
+    m = get_method("bnb")
+    for bits, fmt in ((4, "nf4"), (8, "int8")):
+        cfg = QuantConfig(method="bnb", bits=bits, group_size=128, format=fmt, sym=False,
+                          options={"compute_dtype": "auto" if bits == 8 else "bf16"})
+        before = copy.deepcopy(cfg)
+        m.validate(cfg)
+        assert cfg == before
+    fin = m.finalize(cfg)
+    assert fin is not cfg and (fin.group_size, fin.sym) == (-1, True) and cfg == before
+    c4 = A.build_config(method="bnb", bits=4, format="nf4", compute_dtype="bf16")
+    assert (c4.group_size, c4.sym, c4.options["compute_dtype"]) == (64, True, "bfloat16")

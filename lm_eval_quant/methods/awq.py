@@ -73,6 +73,7 @@ from ..errors import QuantArgError
 from ..formats import block_length, from_blocks, make_format, n_groups, quantize_weight, to_blocks
 from .base import (
     Method,
+    Option,
     QuantConfig,
     QuantContext,
     QuantReport,
@@ -587,9 +588,9 @@ _LOSSES = ("module", "linear")
 def _get_calibration(tok, o: dict, model) -> tuple[torch.Tensor, dict]:
     from .calibration import get_calibration, model_max_seqlen
 
-    args = (int(o["nsamples"]), int(o["seqlen"]), int(o["calib_seed"]))
+    args = (o["nsamples"], o["seqlen"], o["calib_seed"])
     maxlen = model_max_seqlen(model)
-    if str(o["calib"]).lower() != "auto":
+    if o["calib"].lower() != "auto":
         return get_calibration(tok, o["calib"], *args, max_seqlen=maxlen)
     errors = []
     for name in _CALIB_AUTO:
@@ -634,8 +635,8 @@ def awq_quantize_model(model: nn.Module, input_ids: torch.Tensor, cfg: QuantConf
     modified: set[str] = set()
 
     def cb(step):
-        _awq_layer(step, qnames, fmt, cfg.group_size, int(n_grid), bool(clip), int(clip_grid),
-                   float(max_shrink), quantize, log, modified, loss, bool(clip_qk))
+        _awq_layer(step, qnames, fmt, cfg.group_size, n_grid, clip, clip_grid,
+                   max_shrink, quantize, log, modified, loss, clip_qk)
 
     run_layerwise(model, input_ids, cb, device=device, batch_size=batch_size, progress=progress, desc="awq")
     rtn_outside = []
@@ -658,20 +659,21 @@ class AWQ(Method):
     exportable = True  # capability: written as a GPTQ checkpoint by export
     needs_calibration = True
     OPTIONS = {
-        "n_grid": (int, 20),
-        "loss": (str, "module"),
-        "clip": (bool, True),
-        "clip_qk": (bool, True),
-        "clip_grid": (int, 20),
-        "max_shrink": (float, 0.5),
-        "calib": (str, "auto"),
-        "nsamples": (int, 128),
-        "seqlen": (int, 512),
-        "calib_seed": (int, 0),
-        "calib_batch": (int, 0),
+        "n_grid": Option(int, 20, min=1, help="1 = no scale search; the paper uses 20"),
+        "loss": Option(str, "module", choices=_LOSSES, help="module = the paper's enclosing-module output"),
+        "clip": Option(bool, True),
+        "clip_qk": Option(bool, True),
+        "clip_grid": Option(int, 20, min=1, help="the paper uses 20"),
+        "max_shrink": Option(float, 0.5, gt=0, max=1, help="the paper uses 0.5"),
+        "calib": Option(str, "auto"),
+        "nsamples": Option(int, 128, min=1, help="e.g. nsamples=128"),
+        "seqlen": Option(int, 512, min=1, help="e.g. seqlen=512"),
+        "calib_seed": Option(int, 0),
+        "calib_batch": Option(int, 0, min=0, help="0 = automatic"),
     }
 
     def validate(self, cfg: QuantConfig) -> None:
+        """What the options' declarations cannot say (they are typed and range-checked already)."""
         from .calibration import validate_calib_args
 
         try:
@@ -679,25 +681,14 @@ class AWQ(Method):
         except ValueError as e:
             raise QuantArgError(f"hf-quant: method=awq: {e}") from None
         o = self._opts(cfg)
-        if int(o["n_grid"]) < 1:
-            raise QuantArgError(f"hf-quant: n_grid={o['n_grid']} must be >= 1 (1 = no scale search; the paper uses 20)")
-        if str(o["loss"]).lower() not in _LOSSES:
-            raise QuantArgError(f"hf-quant: loss={o['loss']} must be module or linear (module = the paper's enclosing-module output)")
-        if int(o["clip_grid"]) < 1:
-            raise QuantArgError(f"hf-quant: clip_grid={o['clip_grid']} must be >= 1 (the paper uses 20)")
-        if not 0.0 < float(o["max_shrink"]) <= 1.0:
-            raise QuantArgError(f"hf-quant: max_shrink={o['max_shrink']} must be in (0, 1] (the paper uses 0.5)")
-        if int(o["calib_batch"]) < 0:
-            raise QuantArgError(f"hf-quant: calib_batch={o['calib_batch']} must be >= 0 (0 = automatic)")
-        calib = "pile" if str(o["calib"]).lower() == "auto" else o["calib"]
+        calib = "pile" if o["calib"].lower() == "auto" else o["calib"]
         validate_calib_args(calib, o["nsamples"], o["seqlen"], o["calib_seed"])
 
     def quantize(self, model: nn.Module, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
         from .layerwise import find_decoder_layers
 
         t0 = time.perf_counter()
-        self.validate(cfg)
-        o = self._opts(cfg)
+        o = self._opts(cfg)  # typed and validated by the argument layer
         find_decoder_layers(model)  # one line before calibration when the layers are unknown
         check_group_size(quantizable_linears(model, cfg.skip), cfg.group_size)
         tok = getattr(ctx, "tokenizer", None)
@@ -705,18 +696,18 @@ class AWQ(Method):
             raise QuantArgError("hf-quant: method=awq needs the model's tokenizer for calibration data")
         ids, calib_info = _get_calibration(tok, o, model)
         log = awq_quantize_model(
-            model, ids, cfg, n_grid=int(o["n_grid"]), clip=bool(o["clip"]), clip_grid=int(o["clip_grid"]),
-            max_shrink=float(o["max_shrink"]), quantize=True, device=getattr(ctx, "device", None),
-            batch_size=int(o["calib_batch"]) or None, progress=bool(getattr(ctx, "progress", True)),
-            loss=str(o["loss"]).lower(), clip_qk=bool(o["clip_qk"]),
+            model, ids, cfg, n_grid=o["n_grid"], clip=o["clip"], clip_grid=o["clip_grid"],
+            max_shrink=o["max_shrink"], quantize=True, device=getattr(ctx, "device", None),
+            batch_size=o["calib_batch"] or None, progress=bool(getattr(ctx, "progress", True)),
+            loss=o["loss"], clip_qk=o["clip_qk"],
         )
         alphas = list(log["alpha"].values())
         extra = {
             "calibration": calib_info,
             "awq": {
-                "n_grid": int(o["n_grid"]), "loss": str(o["loss"]).lower(), "loss_by_group": log["loss"],
-                "loss_fallback": log["loss_fallback"], "clip": bool(o["clip"]), "clip_qk": bool(o["clip_qk"]), "clip_grid": int(o["clip_grid"]),
-                "max_shrink": float(o["max_shrink"]), "alpha": log["alpha"],
+                "n_grid": o["n_grid"], "loss": o["loss"], "loss_by_group": log["loss"],
+                "loss_fallback": log["loss_fallback"], "clip": o["clip"], "clip_qk": o["clip_qk"], "clip_grid": o["clip_grid"],
+                "max_shrink": o["max_shrink"], "alpha": log["alpha"],
                 "alpha_mean": (sum(alphas) / len(alphas)) if alphas else None,
                 "unscaled": log["unscaled"], "clip_mean": log["clip_mean"], "clip_skipped": log["clip_skipped"],
                 "rtn_outside_layers": log["rtn_outside_layers"],

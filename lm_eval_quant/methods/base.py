@@ -80,8 +80,9 @@ class Method:
 
     name = "base"
     default_format = "int"
-    # option name -> (type, default) or args.Option(type, default, min=, max=, choices=);
-    # types: int, float, bool, str. Cast and range-checked once by the argument layer.
+    # option name -> args.Option(type, default, min=, max=, gt=, lt=, choices=, help=);
+    # types: int, float, bool, str. Cast and range-checked once by the argument layer, so
+    # validate() checks only what involves several values and quantize() never re-casts.
     OPTIONS: dict[str, Any] = {}
     # -- capabilities ----------------------------------------------------------------------
     needs_calibration = False     # reads calibration data (calib, nsamples, seqlen options)
@@ -94,9 +95,16 @@ class Method:
 
     def _opts(self, cfg: QuantConfig) -> dict:
         """Every declared option: the config's value, else the declared default."""
-        o = {k: d for k, (_, d) in self.OPTIONS.items()}
+        from ..args import options_of
+
+        o = {k: opt.default for k, opt in options_of(self).items()}
         o.update(cfg.options or {})
         return o
+
+    def finalize(self, cfg: QuantConfig) -> QuantConfig:
+        """The config as the method really runs it (e.g. bnb: its block size, symmetric), returned
+        as a new object after ``validate``; ``validate`` itself never changes the config."""
+        return cfg
 
     def check_format(self, cfg: QuantConfig) -> str:
         """Return the canonical format name or raise QuantArgError."""

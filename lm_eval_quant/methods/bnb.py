@@ -34,6 +34,7 @@ not added to the per-weight figure.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import math
@@ -44,7 +45,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantArgError
-from .base import Method, QuantConfig, QuantContext, QuantReport
+from .base import Method, Option, QuantConfig, QuantContext, QuantReport
 
 logger = logging.getLogger("lm_eval_quant.bnb")
 
@@ -261,10 +262,10 @@ class BNB(Method):
     needs_calibration = False
     default_format = "auto"
     OPTIONS = {
-        "double_quant": (bool, False),
-        "blocksize": (int, BNB_DEFAULT_BLOCKSIZE),
-        "compute_dtype": (str, "auto"),
-        "int8_threshold": (float, 6.0),
+        "double_quant": Option(bool, False, help="4-bit only"),
+        "blocksize": Option(int, BNB_DEFAULT_BLOCKSIZE, min=1, help=f"bitsandbytes uses {BNB_DEFAULT_BLOCKSIZE}"),
+        "compute_dtype": Option(str, "auto", choices=tuple(_DTYPES), help="4-bit only"),
+        "int8_threshold": Option(float, 6.0, min=0, help="bits=8 (LLM.int8) only"),
     }
 
     # ---------------------------------------------------------------- validation (no model)
@@ -288,17 +289,10 @@ class BNB(Method):
         )
 
     def validate(self, cfg: QuantConfig) -> None:
-        o = cfg.options
+        """Checks only; :meth:`finalize` returns the config bitsandbytes really runs."""
+        o = self._opts(cfg)
         fmt = self.check_format(cfg)
-        cfg.format = fmt
-        bs = int(o.get("blocksize", BNB_DEFAULT_BLOCKSIZE))
-        dq = bool(o.get("double_quant", False))
-        cd = str(o.get("compute_dtype", "auto")).strip().lower()
-        thr = float(o.get("int8_threshold", 6.0))
-        if cd not in _DTYPES:
-            raise QuantArgError(
-                f"hf-quant: compute_dtype={cd} is not one of auto, float32, bfloat16, float16"
-            )
+        bs, dq, cd, thr = o["blocksize"], o["double_quant"], o["compute_dtype"], o["int8_threshold"]
         if fmt == "int8":
             if dq:
                 raise QuantArgError("hf-quant: double_quant applies to 4-bit bnb (nf4/fp4), not bits=8")
@@ -310,15 +304,11 @@ class BNB(Method):
                 raise QuantArgError(
                     f"hf-quant: compute_dtype applies to 4-bit bnb; bits=8 (LLM.int8) computes in float16"
                 )
-            if not thr >= 0.0:
-                raise QuantArgError(f"hf-quant: int8_threshold must be >= 0, got {thr}")
             if cfg.group_size not in (128, -1):
                 raise QuantArgError(
                     f"hf-quant: group_size={cfg.group_size} has no meaning for method=bnb bits=8 "
                     f"(LLM.int8 scales each output row); drop group_size"
                 )
-            cfg.group_size = -1  # what LLM.int8 really does: one absmax per output row
-            o["compute_dtype"] = "auto"
         else:
             if bs != BNB_DEFAULT_BLOCKSIZE:
                 raise QuantArgError(
@@ -332,10 +322,16 @@ class BNB(Method):
                     f"hf-quant: group_size={cfg.group_size} has no meaning for method=bnb; its 4-bit "
                     f"block size is blocksize={bs}; drop group_size"
                 )
-            cfg.group_size = bs  # the real block of the 4-bit absmax
-        cfg.sym = True  # nf4/fp4/int8 in bitsandbytes are all absmax (symmetric) formats
-        o["compute_dtype"] = cd if cd in ("auto",) else str(_DTYPES[cd]).replace("torch.", "")
         self._check_backend()
+
+    def finalize(self, cfg: QuantConfig) -> QuantConfig:
+        """A new config: LLM.int8 scales each output row (group_size -1), 4-bit its blocks of
+        ``blocksize``; every bitsandbytes format is absmax (symmetric); compute_dtype canonical."""
+        o = self._opts(cfg)
+        fmt = self.check_format(cfg)
+        cd = "auto" if fmt == "int8" or o["compute_dtype"] == "auto" else str(_DTYPES[o["compute_dtype"]]).replace("torch.", "")
+        return dataclasses.replace(cfg, format=fmt, group_size=-1 if fmt == "int8" else o["blocksize"], sym=True,
+                                   options={**cfg.options, "compute_dtype": cd})
 
     @staticmethod
     def _check_backend() -> None:
@@ -349,19 +345,19 @@ class BNB(Method):
     # ---------------------------------------------------------------- loading
     def bnb_config_dict(self, cfg: QuantConfig) -> dict:
         """Plain-JSON description of what we ask transformers for (goes into the results)."""
-        o = cfg.options
+        o = self._opts(cfg)
         if cfg.format == "int8":
             return {
                 "load_in_8bit": True,
-                "llm_int8_threshold": float(o.get("int8_threshold", 6.0)),
+                "llm_int8_threshold": o["int8_threshold"],
                 "llm_int8_skip_modules": self._skip_modules(cfg),
             }
         return {
             "load_in_4bit": True,
             "bnb_4bit_quant_type": cfg.format,
-            "bnb_4bit_use_double_quant": bool(o.get("double_quant", False)),
-            "blocksize": int(o.get("blocksize", BNB_DEFAULT_BLOCKSIZE)),
-            "bnb_4bit_compute_dtype": o.get("compute_dtype", "auto"),
+            "bnb_4bit_use_double_quant": o["double_quant"],
+            "blocksize": o["blocksize"],
+            "bnb_4bit_compute_dtype": o["compute_dtype"],
             "llm_int8_skip_modules": self._skip_modules(cfg),
         }
 
@@ -402,20 +398,20 @@ class BNB(Method):
     def load_kwargs(self, cfg: QuantConfig) -> dict:
         from transformers import BitsAndBytesConfig
 
-        o = cfg.options
+        o = self._opts(cfg)
         skip = self._skip_modules(cfg)
         if cfg.format == "int8":
             qc = BitsAndBytesConfig(
                 load_in_8bit=True,
-                llm_int8_threshold=float(o.get("int8_threshold", 6.0)),
+                llm_int8_threshold=o["int8_threshold"],
                 llm_int8_skip_modules=skip,
             )
         else:
-            cd = _DTYPES[str(o.get("compute_dtype", "auto"))]
+            cd = _DTYPES[o["compute_dtype"]]
             qc = BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type=cfg.format,
-                bnb_4bit_use_double_quant=bool(o.get("double_quant", False)),
+                bnb_4bit_use_double_quant=o["double_quant"],
                 bnb_4bit_compute_dtype=cd,  # None (auto) → float32 here, resolved in quantize()
                 llm_int8_skip_modules=skip,
             )
@@ -435,7 +431,7 @@ class BNB(Method):
         lin4, lin8 = _bnb_linear_types()
         compute = None
         if cfg.format != "int8":
-            want = str(cfg.options.get("compute_dtype", "auto"))
+            want = self._opts(cfg)["compute_dtype"]
             if want == "auto":
                 dev = next((p.device for p in model.parameters()), torch.device("cpu"))
                 compute = torch.float32 if dev.type == "cpu" else _model_dtype(model)

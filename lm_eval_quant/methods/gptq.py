@@ -60,7 +60,7 @@ from torch import nn
 
 from lm_eval_quant.errors import QuantArgError
 from lm_eval_quant.formats import Format, QParams, make_format, quantize_weight
-from lm_eval_quant.methods.base import (Method, QuantConfig, QuantContext, QuantReport, check_group_size,
+from lm_eval_quant.methods.base import (Method, Option, QuantConfig, QuantContext, QuantReport, check_group_size,
                                        quantizable_linears, set_weight_matrix, untie_if_shared, weight_matrix)
 from lm_eval_quant.methods.calibration import get_calibration, model_max_seqlen, validate_calib_args
 from lm_eval_quant.methods.layerwise import LayerStep, find_decoder_layers, release_free_memory, run_layerwise
@@ -255,12 +255,6 @@ class GPTQSolver:
 
 
 # ---------------------------------------------------------------------------------------------
-def _as_bool(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)
-
-
 class _BatchGather:
     """Forward pre-hooks that feed the solvers one whole calib batch at a time.
 
@@ -316,47 +310,36 @@ class GPTQ(Method):
     exportable = True  # capability: written as a GPTQ checkpoint by export
     needs_calibration = True
     OPTIONS = {
-        "damp": (float, 0.01),
-        "block_size": (int, 128),
-        "act_order": (bool, False),
-        "static_groups": (bool, False),
-        "true_sequential": (bool, True),
-        "calib": (str, "c4"),
-        "nsamples": (int, 128),
-        "seqlen": (int, 2048),
-        "calib_seed": (int, 0),
-        "keep_qstate": (bool, False),
-        "calib_batch": (int, 0),
-        "forward_batch": (int, 0),
-        "token_cap": (float, 0.0),
+        "damp": Option(float, 0.01, gt=0, lt=10, help="a small positive number, e.g. damp=0.01"),
+        "block_size": Option(int, 128, min=1, help="e.g. 128"),
+        "act_order": Option(bool, False),
+        "static_groups": Option(bool, False),
+        "true_sequential": Option(bool, True),
+        "calib": Option(str, "c4"),
+        "nsamples": Option(int, 128, min=1, help="e.g. nsamples=128"),
+        "seqlen": Option(int, 2048, min=1, help="e.g. seqlen=2048"),
+        "calib_seed": Option(int, 0),
+        "keep_qstate": Option(bool, False),
+        "calib_batch": Option(int, 0, min=0, help="0 = automatic"),
+        "forward_batch": Option(int, 0, min=0, help="0 = automatic"),
+        "token_cap": Option(float, 0.0, min=0, help="0 = off (the plain Hessian), else >= 1"),
     }
 
     def validate(self, cfg: QuantConfig) -> None:
+        """What the options' declarations cannot say (they are typed and range-checked already)."""
         try:
             make_format(cfg.format, cfg.bits, cfg.sym)
         except ValueError as e:
             raise QuantArgError(f"hf-quant: method=gptq: {e}") from None
-        if cfg.group_size != -1 and cfg.group_size <= 0:
-            raise QuantArgError(f"hf-quant: group_size={cfg.group_size} must be -1 (per output channel) or a positive integer")
         o = self._opts(cfg)
-        damp = float(o["damp"])
-        if not (0 < damp < 10) or not math.isfinite(damp):
-            raise QuantArgError(f"hf-quant: damp={o['damp']} must be a small positive number, e.g. damp=0.01")
-        if int(o["block_size"]) <= 0:
-            raise QuantArgError(f"hf-quant: block_size={o['block_size']} must be a positive integer, e.g. 128")
-        if int(o["calib_batch"]) < 0:
-            raise QuantArgError(f"hf-quant: calib_batch={o['calib_batch']} must be >= 0 (0 = automatic)")
-        if int(o["forward_batch"]) < 0:
-            raise QuantArgError(f"hf-quant: forward_batch={o['forward_batch']} must be >= 0 (0 = automatic)")
-        tc = float(o["token_cap"])
+        tc = o["token_cap"]
         if not math.isfinite(tc) or (tc != 0 and tc < 1):
-            raise QuantArgError(f"hf-quant: token_cap={o['token_cap']} must be 0 (off: the plain Hessian) or >= 1, e.g. token_cap=100")
+            raise QuantArgError(f"hf-quant: token_cap={tc} must be 0 (off: the plain Hessian) or >= 1, e.g. token_cap=100")
         validate_calib_args(o["calib"], o["nsamples"], o["seqlen"], o["calib_seed"])
 
     def quantize(self, model: nn.Module, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
         t0 = time.perf_counter()
-        self.validate(cfg)
-        o = self._opts(cfg)
+        o = self._opts(cfg)  # typed and validated by the argument layer
         fmt = make_format(cfg.format, cfg.bits, cfg.sym)
         find_decoder_layers(model)  # one clear line before calibration when the layers are unknown
         all_lin = quantizable_linears(model, cfg.skip)
@@ -365,12 +348,12 @@ class GPTQ(Method):
         tok = getattr(ctx, "tokenizer", None)
         if tok is None:
             raise QuantArgError("hf-quant: method=gptq needs the model's tokenizer for calibration data")
-        ids, calib_info = get_calibration(tok, o["calib"], int(o["nsamples"]), int(o["seqlen"]),
-                                          int(o["calib_seed"]), max_seqlen=model_max_seqlen(model))
-        damp, block, token_cap = float(o["damp"]), int(o["block_size"]), float(o["token_cap"])
+        ids, calib_info = get_calibration(tok, o["calib"], o["nsamples"], o["seqlen"],
+                                          o["calib_seed"], max_seqlen=model_max_seqlen(model))
+        damp, block, token_cap = o["damp"], o["block_size"], o["token_cap"]
         capped: dict[str, int] = {}
-        act_order, static = _as_bool(o["act_order"]), _as_bool(o["static_groups"])
-        keep, seq = _as_bool(o["keep_qstate"]), _as_bool(o["true_sequential"])
+        act_order, static = o["act_order"], o["static_groups"]
+        keep, seq = o["keep_qstate"], o["true_sequential"]
         modified: list[str] = []
         quantized: list[str] = []
         retries: dict[str, float] = {}
@@ -429,9 +412,9 @@ class GPTQ(Method):
                             step.memoize(child)
 
         seqlen = int(ids.shape[1])
-        fwd = int(o["forward_batch"]) or max(1, 512 // max(1, seqlen))
+        fwd = o["forward_batch"] or max(1, 512 // max(1, seqlen))
         run_layerwise(model, ids, quantize_layer, device=getattr(ctx, "device", None),
-                      batch_size=int(o["calib_batch"]) or None, progress=bool(getattr(ctx, "progress", True)),
+                      batch_size=o["calib_batch"] or None, progress=bool(getattr(ctx, "progress", True)),
                       desc="gptq", micro_batch=fwd)
         # linears outside the decoder layers (e.g. lm_head with skip=none): round-to-nearest
         rtn_outside = []

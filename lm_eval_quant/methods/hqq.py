@@ -39,6 +39,7 @@ from ..errors import QuantArgError
 from ..formats.base import _to_fp16_grid, n_groups
 from .base import (
     Method,
+    Option,
     QuantConfig,
     QuantContext,
     QuantReport,
@@ -106,10 +107,10 @@ def hqq_quantize_matrix(W: torch.Tensor, bits: int, group_size: int, **opts) -> 
 class HQQ(Method):
     name = "hqq"
     OPTIONS = {
-        "iters": (int, 20),
-        "lp_norm": (float, 0.7),
-        "beta": (float, 10.0),
-        "kappa": (float, 1.0),
+        "iters": Option(int, 20, min=1, help="HQQ uses 20"),
+        "lp_norm": Option(float, 0.7, gt=0, max=1, help="HQQ uses 0.7"),
+        "beta": Option(float, 10.0, gt=0, help="HQQ uses 10"),
+        "kappa": Option(float, 1.0, min=1, help="the paper's kappa 1.01, the package's effectively 1"),
     }
 
     def validate(self, cfg: QuantConfig) -> None:
@@ -118,20 +119,12 @@ class HQQ(Method):
                 f"hf-quant: method=hqq optimises an asymmetric int zero point; format={cfg.format}"
                 f"{' sym=true' if cfg.sym else ''} is not what it does: use format=int and drop sym"
             )
-        o = self._opts(cfg)
-        if int(o["iters"]) < 1:
-            raise QuantArgError(f"hf-quant: iters={o['iters']} must be >= 1 (HQQ uses 20)")
-        if not 0.0 < float(o["lp_norm"]) <= 1.0:
-            raise QuantArgError(f"hf-quant: lp_norm={o['lp_norm']} must be in (0, 1] (HQQ uses 0.7)")
-        if float(o["beta"]) <= 0 or float(o["kappa"]) < 1.0:
-            raise QuantArgError(f"hf-quant: beta={o['beta']} must be > 0 and kappa={o['kappa']} >= 1 (HQQ: 10; the paper's kappa 1.01, the package's effectively 1)")
 
     @torch.no_grad()
     def quantize(self, model, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
         t0 = time.perf_counter()
-        self.validate(cfg)
-        o = self._opts(cfg)
-        opts = dict(iters=int(o["iters"]), lp_norm=float(o["lp_norm"]), beta=float(o["beta"]), kappa=float(o["kappa"]))
+        o = self._opts(cfg)  # typed and validated by the argument layer
+        opts = {k: o[k] for k in ("iters", "lp_norm", "beta", "kappa")}
         linears = quantizable_linears(model, cfg.skip)
         check_group_size(linears, cfg.group_size)
         device = torch.device(ctx.device) if ctx.device is not None else None

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import QuantArgError
 from .awq import _first, _fold, _get_calibration, _in_features, _is_norm, _params_of, _rel_err, _slice_batch
-from .base import Method, QuantConfig, QuantContext, QuantReport, quantizable_linears, weight_matrix
+from .base import Method, Option, QuantConfig, QuantContext, QuantReport, quantizable_linears, weight_matrix
 
 SMOOTH_DEFAULTS = {"calib": "auto", "nsamples": 128, "seqlen": 512, "calib_seed": 0, "calib_batch": 0}
 
@@ -138,11 +138,10 @@ def smooth_model(model: nn.Module, input_ids: torch.Tensor, alpha: float = 0.5, 
     return log
 
 
-def _check_alpha(alpha: Any) -> float:
-    a = float(alpha)
-    if not 0.0 <= a <= 1.0:
+def _check_alpha(alpha: float) -> float:
+    if not 0.0 <= alpha <= 1.0:
         raise QuantArgError(f"hf-quant: smoothing alpha={alpha} must be in [0, 1] (SmoothQuant uses 0.5)")
-    return a
+    return alpha
 
 
 def _calibrate_and_smooth(model, opts: dict, alpha: float, ctx: QuantContext) -> tuple[dict, dict]:
@@ -151,7 +150,7 @@ def _calibrate_and_smooth(model, opts: dict, alpha: float, ctx: QuantContext) ->
         raise QuantArgError("hf-quant: smoothquant needs the model's tokenizer for calibration data")
     ids, calib_info = _get_calibration(tok, opts, model)
     log = smooth_model(model, ids, alpha, device=getattr(ctx, "device", None),
-                       batch_size=int(opts.get("calib_batch", 0)) or None,
+                       batch_size=opts["calib_batch"] or None,
                        progress=bool(getattr(ctx, "progress", True)))
     return log, calib_info
 
@@ -164,30 +163,31 @@ class SmoothQuant(Method):
     name = "smoothquant"
     needs_calibration = True
     OPTIONS = {
-        "alpha": (float, 0.5),
-        "calib": (str, "auto"),
-        "nsamples": (int, 128),
-        "seqlen": (int, 512),
-        "calib_seed": (int, 0),
-        "calib_batch": (int, 0),
+        # alpha's range is checked by _check_alpha, shared with smooth= on rtn/gptq/awq
+        "alpha": Option(float, 0.5, help="SmoothQuant uses 0.5"),
+        "calib": Option(str, SMOOTH_DEFAULTS["calib"]),
+        "nsamples": Option(int, SMOOTH_DEFAULTS["nsamples"], min=1, help="e.g. nsamples=128"),
+        "seqlen": Option(int, SMOOTH_DEFAULTS["seqlen"], min=1, help="e.g. seqlen=512"),
+        "calib_seed": Option(int, SMOOTH_DEFAULTS["calib_seed"]),
+        "calib_batch": Option(int, SMOOTH_DEFAULTS["calib_batch"], min=0, help="0 = automatic"),
     }
 
     def validate(self, cfg: QuantConfig) -> None:
+        """What the options' declarations cannot say (they are typed and range-checked already)."""
         from .calibration import validate_calib_args
 
         o = self._opts(cfg)
         _check_alpha(o["alpha"])
-        calib = "pile" if str(o["calib"]).lower() == "auto" else o["calib"]
+        calib = "pile" if o["calib"].lower() == "auto" else o["calib"]
         validate_calib_args(calib, o["nsamples"], o["seqlen"], o["calib_seed"])
 
     def quantize(self, model: nn.Module, cfg: QuantConfig, ctx: QuantContext) -> QuantReport:
         from . import get_method
 
         t0 = time.perf_counter()
-        self.validate(cfg)
-        o = self._opts(cfg)
+        o = self._opts(cfg)  # typed and validated by the argument layer
         quantizable_linears(model, cfg.skip)
-        log, calib_info = _calibrate_and_smooth(model, o, float(o["alpha"]), ctx)
+        log, calib_info = _calibrate_and_smooth(model, o, o["alpha"], ctx)
         rep = get_method("rtn").quantize(model, cfg, ctx)
         rep.modified = sorted(set(rep.modified) | set(log["modified"]))
         rep.extra.update({"calibration": calib_info, "smoothquant": _public(log)})
