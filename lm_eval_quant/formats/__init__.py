@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 from .base import (Format, QParams, QuantizedWeight, block_length, fake_quantize_, from_blocks, n_groups,
                    quantize_weight, to_blocks)
@@ -20,6 +21,45 @@ from .mx import BLOCK_KINDS, canonical_block_format, is_block_kind, make_block_f
 FORMAT_KINDS = ("int", "fp", "nf", "dynamic")
 MIN_BITS = {"int": 2, "fp": 3, "nf": 2, "dynamic": 2}
 MAX_BITS = 8
+
+# kind -> factory(bits, sym) -> Format, added in-process (register_format) or by a third-party
+# package's ``lm_eval_quant.formats`` entry point (docs/EXTENDING.md). A factory may carry
+# ``min_bits`` / ``max_bits`` attributes (default 2 and 8).
+_REGISTERED: dict[str, Callable[[int, bool], Format]] = {}
+
+
+def _check_factory(obj) -> str | None:
+    return None if callable(obj) else "its entry point is not a callable factory(bits, sym) -> Format"
+
+
+def format_plugins() -> dict[str, Callable[[int, bool], Format]]:
+    """Every added format kind: the registered ones and the entry points (read once, lazily)."""
+    from .._plugins import FORMATS_GROUP, load_group
+
+    taken = set(FORMAT_KINDS) | set(BLOCK_KINDS)
+    return {**load_group(FORMATS_GROUP, taken=taken, check=_check_factory), **_REGISTERED}
+
+
+def register_format(kind: str, factory: Callable[[int, bool], Format]) -> None:
+    """Add a format kind in-process: ``factory(bits, sym)`` returns a :class:`Format`."""
+    kind = str(kind).strip().lower()
+    if kind in FORMAT_KINDS or is_block_kind(kind) or ":" in kind or not kind:
+        raise ValueError(f"format kind {kind!r} is built in or not a plain name")
+    if not callable(factory):
+        raise ValueError(f"format {kind}: the factory must be callable as factory(bits, sym)")
+    _REGISTERED[kind] = factory
+    make_format.cache_clear()
+
+
+def _canonical_plugin(kind: str, detail: str, bits: int, factory) -> str:
+    lo, hi = getattr(factory, "min_bits", 2), getattr(factory, "max_bits", MAX_BITS)
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"bits must be an integer, got {bits!r}")
+    if not lo <= bits <= hi:
+        raise ValueError(f"format {kind} supports {lo}-{hi} bits, got bits={bits}")
+    if detail:
+        raise ValueError(f"format {kind} takes no ':' parameter, got {kind}:{detail!r}")
+    return kind
 
 
 def canonical_format(spec: str, bits: int) -> str:
@@ -32,8 +72,12 @@ def canonical_format(spec: str, bits: int) -> str:
         return canonical_block_format(spec, bits)
     kind, _, detail = spec.partition(":")
     if kind not in FORMAT_KINDS:
+        plugins = format_plugins()
+        if kind in plugins:
+            return _canonical_plugin(kind, detail, bits, plugins[kind])
         raise ValueError(
-            f"unknown format {spec!r}; choose one of int, fp, fp:eXmY, nf, dynamic, {', '.join(BLOCK_KINDS)}"
+            f"unknown format {spec!r}; choose one of int, fp, fp:eXmY, nf, dynamic, "
+            f"{', '.join(list(BLOCK_KINDS) + sorted(plugins))}"
         )
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise ValueError(f"bits must be an integer, got {bits!r}")
@@ -70,6 +114,11 @@ def make_format(spec: str = "int", bits: int = 4, sym: bool = False) -> Format:
         return Format("nf", bits, True, nf_grid(bits))
     if name == "dynamic":
         return Format("dynamic", bits, True, dynamic_grid(bits))
+    if name not in FORMAT_KINDS and ":" not in name:  # an added kind (register_format / entry point)
+        fmt = format_plugins()[name](bits, sym)
+        if not isinstance(fmt, Format):
+            raise ValueError(f"format {name}: its factory returned {type(fmt).__name__}, not a Format")
+        return fmt
     e, m = parse_fp_spec(name.split(":", 1)[1])
     return Format(name, bits, True, fp_grid(e, m))
 
@@ -89,4 +138,6 @@ __all__ = [
     "fp_grid",
     "dynamic_grid",
     "FORMAT_KINDS",
+    "format_plugins",
+    "register_format",
 ]
