@@ -10,11 +10,16 @@ and its dtype in memory. These are the figures 2212.09720 and 2405.03146 plot ag
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from . import __version__
 from .formats import make_format, n_groups
-from .methods.base import QuantConfig, weight_matrix
+from .linears import weight_matrix
+
+if TYPE_CHECKING:  # a type only: accounting sits below methods (no import circle)
+    from .methods.base import QuantConfig
 
 
 def dtype_bits(dtype) -> int:

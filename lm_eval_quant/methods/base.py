@@ -17,6 +17,8 @@ from torch import nn
 
 from ..errors import QuantArgError
 from ..formats import canonical_format
+from ..accounting import account
+from ..linears import is_conv1d, is_quantizable, weight_matrix  # noqa: F401  (re-exported for methods)
 
 from ..args import DEFAULT_SKIP, MAX_BITS, MIN_BITS  # noqa: E402  (the vocabulary: args.py)
 
@@ -133,8 +135,6 @@ class Method:
 
     def accounting(self, model: nn.Module, cfg: QuantConfig, report: QuantReport,
                    storage_dtype=None) -> dict:
-        from ..accounting import account
-
         return account(model, cfg, report.quantized, extra_bits=report.extra.get("extra_bits"),
                        storage_dtype=storage_dtype)
 
@@ -146,25 +146,6 @@ from ..args import Option, parse_bool, parse_float, parse_int, parse_option, par
 # --------------------------------------------------------------------------------------------
 # model helpers shared by methods
 # --------------------------------------------------------------------------------------------
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return Conv1D
-    except Exception:  # pragma: no cover
-        return None
-
-
-def is_quantizable(module: nn.Module) -> bool:
-    c1d = _conv1d_type()
-    return isinstance(module, nn.Linear) or (c1d is not None and isinstance(module, c1d))
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    c1d = _conv1d_type()
-    return c1d is not None and isinstance(module, c1d)
-
-
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
     """A module name matches a skip pattern if the pattern matches the whole name, its last
     component, or any dotted suffix of it (so `lm_head` and `mlp.down_proj` both work)."""
@@ -193,12 +174,6 @@ def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) 
             continue
         result.append((name, mod))
     return result
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as [out, in] (Conv1D stores [in, out])."""
-    w = module.weight.data
-    return w.t() if is_conv1d(module) else w
 
 
 def set_weight_matrix(module: nn.Module, w_out_in: torch.Tensor) -> None:

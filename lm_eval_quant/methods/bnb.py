@@ -235,7 +235,7 @@ def bnb_account(model: nn.Module, cfg: QuantConfig | None = None, bnb_config: di
             "code_table_bits": code_bits,
         }
     )
-    from ..accounting import summary  # (accounting imports methods.base: import here, no cycle)
+    from ..accounting import summary
 
     return summary(cfg.to_dict() if cfg is not None else None, params_total, params_q, len(lins),
                    bits_q, total_bits, bnb=sub)

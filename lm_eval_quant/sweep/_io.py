@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 DONE = "DONE"
 ERROR = "error.txt"
@@ -62,3 +66,13 @@ def os_error_line(e: OSError, where: str) -> str:
     why = e.strerror or str(e)
     name = f" {e.filename}" if getattr(e, "filename", None) else ""
     return f"{where}: cannot write{name} ({why})"
+
+
+def die_with_parent() -> None:
+    """preexec_fn / fork child: this process gets SIGKILL when its parent dies (Linux prctl)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError) as e:  # no glibc (macOS, musl): the cell outlives a killed sweep
+        logger.debug("PR_SET_PDEATHSIG unavailable: %s", e)

@@ -25,7 +25,7 @@ import time
 import traceback
 from pathlib import Path
 
-from lm_eval_quant.sweep._io import CELL_JSON, DONE, ERROR, atomic_write_text, fsync_dir
+from lm_eval_quant.sweep._io import CELL_JSON, DONE, ERROR, atomic_write_text, die_with_parent, fsync_dir
 
 
 def one_line(exc: BaseException, limit: int = 400) -> str:
@@ -285,7 +285,7 @@ def serve() -> int:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # library prints must not reach the protocol channel
-    _die_with_parent()
+    die_with_parent()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lm_eval_quant
 
@@ -322,7 +322,7 @@ def serve() -> int:
             code = 1
             try:
                 proto.close()
-                _die_with_parent()
+                die_with_parent()
                 if os.getppid() != server_pid:  # the server died before prctl took effect
                     os._exit(1)
                 logfd = os.open(str(cell_dir / "cell.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -372,16 +372,6 @@ def _preimport(models: list[str], methods: list[str]) -> None:
                 get_method(name)
             except Exception:  # noqa: BLE001
                 pass
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001
         pass
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from lm_eval_quant.errors import QuantArgError
-from lm_eval_quant.sweep.runner import CELLS_DIR, cell_env, finish_cell, run_cell_subprocess
+from lm_eval_quant.sweep.launch import Launch, cell_env, run_cell_subprocess
 
 # Environment variables handed from the driver to the cell processes on the workers.
 _PASS_ENV_PREFIXES = ("HF_", "LMQ_", "GPTQMODEL_", "TOKENIZERS_", "TRANSFORMERS_", "PYTHONPATH", "OMP_",
@@ -38,7 +38,9 @@ def _run_remote(cell_dir: str, env_extra: dict, timeout):
             "pid": os.getpid()}
 
 
-def launch_ray(cells, out_dir, log, results, res_of, save_status, bar, spec, ray_address) -> None:
+def launch_ray(job: Launch, ray_address: str | None = None) -> None:
+    """Run ``job.cells`` as Ray tasks (one GPU each when the cluster has GPUs)."""
+    log = job.log
     try:
         import ray
     except ImportError:
@@ -59,14 +61,14 @@ def launch_ray(cells, out_dir, log, results, res_of, save_status, bar, spec, ray
     try:
         gpus = float(ray.cluster_resources().get("GPU", 0))
         opts = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
-        timeout = spec.harness.get("cell_timeout")
+        timeout = job.timeout
         env = _driver_env()
         # the worker process must import this package too (a checkout on PYTHONPATH, or installed)
         rt = {"env_vars": {"PYTHONPATH": env["PYTHONPATH"]}} if env.get("PYTHONPATH") else None
         remote = ray.remote(max_retries=0, runtime_env=rt, **opts)(_run_remote)
         pending = {}
-        for cell in cells:
-            cdir = out_dir / CELLS_DIR / cell.name
+        for cell in job.cells:
+            cdir = job.cell_dir(cell)
             ref = remote.remote(str(cdir), env, timeout)
             pending[ref] = (cell, cdir, time.time())
             log.event("cell_start", cell=cell.name, key=cell.key, launcher="ray", resources=opts,
@@ -84,10 +86,9 @@ def launch_ray(cells, out_dir, log, results, res_of, save_status, bar, spec, ray
                                                     f"{' '.join(str(e).split())[:300]}\n")
                     rc, timed_out, secs = 1, False, time.time() - t0
                     where = {}
-                bar.set_postfix_str(cell.name, refresh=False)
-                finish_cell(cell, cdir, rc, timed_out, secs, log, results, res_of, timeout, **where)
-                save_status()
-                bar.update(1)
+                if job.bar is not None:
+                    job.bar.set_postfix_str(cell.name, refresh=False)
+                job.finish(cell, rc, timed_out, secs, **where)
     finally:
         if started_here:
             ray.shutdown()

@@ -28,39 +28,21 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from lm_eval_quant.errors import QuantArgError
-from lm_eval_quant.sweep._io import CELL_JSON, DONE, ERROR, atomic_write_text, check_writable_dir
+from lm_eval_quant.sweep._io import CELL_JSON, DONE, ERROR, atomic_write_text, check_writable_dir, die_with_parent
+from lm_eval_quant.sweep.launch import (CELLS_DIR, CellResult, Launch, cell_env, finished_results,  # noqa: F401
+                                        run_cell_subprocess)
 from lm_eval_quant.sweep.spec import Cell, SweepSpec
 
 LOG_NAME = "sweep_log.jsonl"
 STATUS_NAME = "sweep_status.json"
 SPEC_NAME = "sweep_spec.json"
-CELLS_DIR = "cells"
 STALE_DIR = ".stale"
 LAUNCHERS = ("local", "ray")
-
-
-@dataclass
-class CellResult:
-    """Outcome of one cell. status: ``done`` (ran now), ``skipped_done`` (finished by an earlier
-    run, not redone), ``failed`` (error_line says why), ``skipped`` (invalid combination, never
-    run; error_line is the reason)."""
-
-    name: str
-    status: str
-    results_path: str | None = None
-    error_line: str | None = None
-    seconds: float = 0.0
-    key: str = ""
-    labels: dict = field(default_factory=dict)
-    model_args: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -143,21 +125,6 @@ def load_status(out_dir) -> list[CellResult]:
 
 
 # ------------------------------------------------------------------------------------ cell state
-def finished_results(cell_dir: Path, key: str) -> Path | None:
-    """The results file of a finished cell with this key, else None."""
-    done = cell_dir / DONE
-    if not done.is_file():
-        return None
-    try:
-        d = json.loads(done.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if d.get("key") != key:
-        return None
-    res = cell_dir / str(d.get("results", ""))
-    return res if res.is_file() and res.name.startswith("results_") else None
-
-
 def _results_key(p: Path) -> str | None:
     try:
         return json.loads(p.read_text(encoding="utf-8")).get("sweep", {}).get("key")
@@ -203,82 +170,7 @@ def _write_cell_json(cell_dir: Path, cell: Cell) -> None:
     atomic_write_text(cell_dir / CELL_JSON, json.dumps(cell.to_dict(), indent=2, default=str))
 
 
-def _error_line(cell_dir: Path, rc: int | None, timed_out: bool = False, timeout: float | None = None) -> str:
-    if timed_out:
-        return f"cell exceeded cell_timeout={timeout}s and was killed"
-    p = cell_dir / ERROR
-    if p.is_file():
-        line = p.read_text(encoding="utf-8").strip()
-        if line:
-            return line.splitlines()[0]
-    tail = ""
-    log = cell_dir / "cell.log"
-    if log.is_file():
-        lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-        tail = lines[-1][:300] if lines else ""
-    if rc is None:
-        msg = "cell process lost (its cell server died)"
-    elif rc < 0:
-        try:
-            sig = signal.Signals(-rc).name
-        except ValueError:
-            sig = f"signal {-rc}"
-        msg = f"cell process killed by {sig}" + (" (out of memory?)" if -rc == signal.SIGKILL else "")
-    else:
-        msg = f"cell process exited with code {rc}"
-    return msg + (f": {tail}" if tail else "")
-
-
 # ------------------------------------------------------------------------------------ subprocess
-def cell_env(extra: dict | None = None) -> dict:
-    """Environment of a cell process: ours, the package importable, tokenizers quiet."""
-    env = dict(os.environ)
-    pkg_root = str(Path(__file__).resolve().parents[2])
-    pp = env.get("PYTHONPATH", "")
-    if pkg_root not in pp.split(os.pathsep):
-        env["PYTHONPATH"] = pkg_root + (os.pathsep + pp if pp else "")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if extra:
-        env.update(extra)
-    return env
-
-
-def _die_with_parent() -> None:  # preexec_fn: the cell dies if the sweep process dies (Linux)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def run_cell_subprocess(cell_dir: Path, env: dict | None = None, timeout: float | None = None,
-                        on_start=None, python: str | None = None) -> tuple[int | None, bool]:
-    """Run ``python -m lm_eval_quant.sweep.cell cell_dir``; returns (returncode, timed_out)."""
-    cell_dir = Path(cell_dir)
-    with open(cell_dir / "cell.log", "ab") as logf:
-        proc = subprocess.Popen(
-            [python or sys.executable, "-m", "lm_eval_quant.sweep.cell", str(cell_dir)],
-            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env if env is not None else cell_env(),
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-        if on_start:
-            on_start(proc.pid)
-        try:
-            rc = proc.wait(timeout=timeout)
-            return rc, False
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return proc.returncode, True
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-
-
 class CellServer:
     """Client of the fork server (``python -m lm_eval_quant.sweep.cell --serve``, see cell.serve):
     one interpreter with the heavy imports done, forking a fresh process per cell."""
@@ -289,7 +181,7 @@ class CellServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lm_eval_quant.sweep.cell", "--serve"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
         msg = self._read(ready_timeout)
         self.ok = bool(msg and msg.get("ready") and msg.get("fork_ok"))
@@ -491,20 +383,10 @@ def _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_fai
     run_id = uuid.uuid4().hex[:12]
     log = RunLog(out_dir / LOG_NAME, run_id)
     status_path = out_dir / STATUS_NAME
-    results: dict[str, CellResult] = {}
+    job = Launch(spec=spec, out_dir=out_dir, run_id=run_id, status_path=status_path, log=log, all_cells=cells)
+    results, res_of, save_status = job.results, job.result, job.save_status
     prev_status = {c.name: c for c in load_status(out_dir)}
-
-    def res_of(cell: Cell, status: str, **kw) -> CellResult:
-        return CellResult(name=cell.name, status=status, key=cell.key, labels=cell.labels(),
-                          model_args=cell.model_args_string(), **kw)
-
     server = None
-
-    def save_status() -> None:
-        cur = [results.get(c.name) or res_of(c, "pending") for c in cells]
-        atomic_write_text(status_path, json.dumps(
-            {"name": spec.name, "run": run_id, "updated": time.time(), "out_dir": str(out_dir),
-             "cells": [c.to_dict() for c in cur]}, indent=2, default=str))
 
     try:
         todo: list[Cell] = []
@@ -563,14 +445,15 @@ def _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_fai
         save_status()
         bar = tqdm(total=len(cells), desc=f"sweep {spec.name}", unit="cell", disable=not progress,
                    initial=len(cells) - len(runnable), dynamic_ncols=True)
+        job.cells, job.bar = runnable, bar
         try:
             if launcher == "local":
-                _launch_local(runnable, out_dir, log, results, res_of, save_status, bar, spec, server)
+                _launch_local(job, server)
                 server = None  # closed by _launch_local
             else:
                 from lm_eval_quant.sweep.ray_launcher import launch_ray
 
-                launch_ray(runnable, out_dir, log, results, res_of, save_status, bar, spec, ray_address)
+                launch_ray(job, ray_address)
         finally:
             bar.close()
         save_status()
@@ -596,47 +479,29 @@ def _done_seconds(cdir: Path) -> float:
         return 0.0
 
 
-def finish_cell(cell: Cell, cdir: Path, rc, timed_out, seconds, log, results, res_of, timeout=None,
-                **extra) -> CellResult:
-    """Record a cell whose process has ended (shared by the launchers)."""
-    fin = finished_results(cdir, cell.key)
-    if rc == 0 and fin is not None:
-        r = res_of(cell, "done", results_path=str(fin), seconds=round(seconds, 3))
-        log.event("cell_done", cell=cell.name, key=cell.key, seconds=round(seconds, 3), results=str(fin), **extra)
-    else:
-        line = _error_line(cdir, rc, timed_out, timeout)
-        if rc == 0:
-            line = "cell process ended without writing its results"
-        r = res_of(cell, "failed", error_line=line, seconds=round(seconds, 3))
-        log.event("cell_failed", cell=cell.name, key=cell.key, seconds=round(seconds, 3), rc=rc, error=line, **extra)
-    results[cell.name] = r
-    return r
-
-
-def _launch_local(cells, out_dir, log, results, res_of, save_status, bar, spec, server=None) -> None:
+def _launch_local(job: Launch, server: "CellServer | None" = None) -> None:
+    """Run ``job.cells`` one after another: forked by the cell server, else spawned."""
     env = cell_env()
-    timeout = spec.harness.get("cell_timeout")
     try:
-        for cell in cells:
-            cdir = out_dir / CELLS_DIR / cell.name
-            bar.set_postfix_str(cell.name, refresh=True)
+        for cell in job.cells:
+            cdir = job.cell_dir(cell)
+            if job.bar is not None:
+                job.bar.set_postfix_str(cell.name, refresh=True)
             t0 = time.time()
             how = "fork" if server is not None else "spawn"
 
             def started(pid, c=cell, how=how):
-                log.event("cell_start", cell=c.name, key=c.key, pid=pid, start=how, model_args=c.model_args_string())
+                job.log.event("cell_start", cell=c.name, key=c.key, pid=pid, start=how, model_args=c.model_args_string())
 
             if server is not None:
-                rc, timed_out = server.run(cdir, timeout, on_start=started)
+                rc, timed_out = server.run(cdir, job.timeout, on_start=started)
                 if not server.ok:  # the server died: this cell failed, the rest are spawned
-                    log.event("cell_server_lost")
+                    job.log.event("cell_server_lost")
                     server.close()
                     server = None
             else:
-                rc, timed_out = run_cell_subprocess(cdir, env=env, timeout=timeout, on_start=started)
-            finish_cell(cell, cdir, rc, timed_out, time.time() - t0, log, results, res_of, timeout)
-            save_status()
-            bar.update(1)
+                rc, timed_out = run_cell_subprocess(cdir, env=env, timeout=job.timeout, on_start=started)
+            job.finish(cell, rc, timed_out, time.time() - t0)
     finally:
         if server is not None:
             server.close()

@@ -140,14 +140,8 @@ def _data_dirs() -> list[Path]:
 
 
 def _shared_data_dir() -> Path | None:
-    try:
-        from lm_eval_quant.toy import shared_dir
-
-        sd = shared_dir()
-        if sd is not None and (Path(sd) / "data").is_dir():
-            return Path(sd) / "data"
-    except Exception:
-        pass
+    """``$LMQ_SHARED/data``, else a ``shared/data`` beside a folder above this file (the checkout's
+    ``../shared``). Plain paths: shipped task code never imports the test-fixture module ``toy``."""
     env = os.environ.get("LMQ_SHARED")
     if env and (Path(env) / "data").is_dir():
         return Path(env) / "data"
