@@ -64,6 +64,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -423,20 +424,69 @@ def _module_replays(cap, tol: float) -> bool:
 
 
 # ------------------------------------------------------------------------------------ the layer
-def _awq_layer(step, qnames: set[str], fmt, group_size: int, n_grid: int, clip: bool, clip_grid: int,
-               max_shrink: float, quantize: bool, log: dict, modified: set[str], loss: str = "module",
-               clip_qk: bool = True) -> None:
-    layer = step.layer
-    all_lin = step.linears()  # every linear of the layer: folds must scale skipped consumers too
-    if not any(n in qnames for n, _ in all_lin):
-        return
-    groups = step.linear_groups(linears=all_lin)
-    prefix = step.name + "."
-    by_local = {n[len(prefix):]: m for n, m in all_lin}
-    local_of = {id(m): n[len(prefix):] for n, m in all_lin}
-    name_of = {id(m): n for n, m in all_lin}
+@dataclass
+class _AWQSettings:
+    """The search settings of one AWQ run (typed by the argument layer)."""
 
-    # 1) one fp forward: stats of every group's input, producers by tensor identity
+    fmt: Any
+    group_size: int
+    n_grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    quantize: bool = True
+    loss: str = "module"
+    clip_qk: bool = True
+
+
+class _LayerView:
+    """One decoder layer's linears, grouped by shared input, with their local and full names."""
+
+    def __init__(self, step):
+        self.step = step
+        self.layer = step.layer
+        self.linears = step.linears()  # every linear of the layer: folds must scale skipped consumers too
+        self.groups = step.linear_groups(linears=self.linears)
+        prefix = step.name + "."
+        self.by_local = {n[len(prefix):]: m for n, m in self.linears}
+        self.local_of = {id(m): n[len(prefix):] for n, m in self.linears}
+        self.name_of = {id(m): n for n, m in self.linears}
+
+
+def _awq_layer(step, qnames: set[str], st: _AWQSettings, log: dict, modified: set[str]) -> None:
+    """AWQ on one decoder layer, in four named steps: statistics (one fp forward, which also
+    finds each group's producer), scale search + fold, then clip search + round-to-nearest."""
+    view = _LayerView(step)
+    if not any(n in qnames for n, _ in view.linears):
+        return
+    captures = _module_captures(view, qnames, st)
+    stats, producers = _layer_statistics(view, captures)
+    scales = _search_and_fold_scales(view, qnames, st, stats, producers, captures, log, modified)
+    if st.quantize:
+        _clip_and_quantize(view, qnames, st, stats, scales, log, modified)
+
+
+def _module_captures(view: _LayerView, qnames: set[str], st: _AWQSettings) -> list:
+    """loss=module: record the inputs/outputs of each multi-linear group's enclosing module."""
+    captures: list[tuple[nn.Module, str, _Capture] | None] = [None] * len(view.groups)
+    if st.loss == "module" and st.n_grid > 1:
+        by_mod: dict[int, _Capture] = {}
+        for gi, g in enumerate(view.groups):
+            if not any(n in qnames for n, _ in g):
+                continue
+            mod, mname = _enclosing_module(view.layer, [view.local_of[id(m)] for _, m in g])
+            if mod is None:
+                continue
+            if id(mod) not in by_mod:
+                by_mod[id(mod)] = _Capture(mod)
+            captures[gi] = (mod, mname, by_mod[id(mod)])
+    return captures
+
+
+def _layer_statistics(view: _LayerView, captures: list) -> tuple[list, list]:
+    """Step 1: one fp forward over every calibration batch: the input statistics of every group,
+    and (from the first batch, by tensor identity) the module that produces each group's input."""
+    step, groups, layer, local_of = view.step, view.groups, view.layer, view.local_of
     stats = [_Stats(_in_features(g[0][1]), step.device) for g in groups]
     outputs: dict[int, tuple[str, nn.Module, torch.Tensor]] = {}  # keeps the tensors alive
     inputs_seen: list[torch.Tensor | None] = [None] * len(groups)
@@ -457,38 +507,10 @@ def _awq_layer(step, qnames: set[str], fmt, group_size: int, n_grid: int, clip: 
             if first["on"] and isinstance(out, torch.Tensor):
                 outputs[id(out)] = (_n, mod, out)
         handles.append(sub.register_forward_hook(post))
-    # loss=module: record the inputs/outputs of each multi-linear group's enclosing module
-    captures: list[tuple[nn.Module, str, _Capture] | None] = [None] * len(groups)
-    if loss == "module" and n_grid > 1:
-        by_mod: dict[int, _Capture] = {}
-        for gi, g in enumerate(groups):
-            if not any(n in qnames for n, _ in g):
-                continue
-            mod, mname = _enclosing_module(layer, [local_of[id(m)] for _, m in g])
-            if mod is None:
-                continue
-            if id(mod) not in by_mod:
-                by_mod[id(mod)] = _Capture(mod)
-            captures[gi] = (mod, mname, by_mod[id(mod)])
     try:
         # the first batch records identities; keep its tensors alive until producers are resolved
         step.forward(batches=[0])
-        producers = []
-        for gi, g in enumerate(groups):
-            t = inputs_seen[gi]
-            prod = None
-            if t is not None and id(t) in outputs:
-                pname, pmod, _ = outputs[id(t)]
-                in_f = _in_features(g[0][1])
-                if _is_norm(pmod, in_f):
-                    prod = ("norm", pmod, None, pname)
-                elif id(pmod) in local_of and _out_features(pmod) == in_f:
-                    prod = ("linear", pmod, slice(0, in_f), local_of[id(pmod)])
-            if prod is None and len(g) == 1:
-                r = _linear_rule(local_of[id(g[0][1])], g[0][1], by_local)
-                if r is not None:
-                    prod = ("linear", r[0], r[1], local_of[id(r[0])])
-            producers.append(prod)
+        producers = _producers(view, inputs_seen, outputs)
         first["on"] = False
         inputs_seen = [None] * len(groups)
         outputs.clear()
@@ -500,8 +522,36 @@ def _awq_layer(step, qnames: set[str], fmt, group_size: int, n_grid: int, clip: 
         for c in captures:
             if c is not None:
                 c[2].remove()
+    return stats, producers
 
-    # probe for the fold check: the first calibration sample
+
+def _producers(view: _LayerView, inputs_seen: list, outputs: dict) -> list:
+    """Each group's producer: the norm or linear whose output is the group's input (so the scale
+    can be folded into it), else a known linear pair (e.g. v_proj -> o_proj), else None."""
+    producers = []
+    for gi, g in enumerate(view.groups):
+        t = inputs_seen[gi]
+        prod = None
+        if t is not None and id(t) in outputs:
+            pname, pmod, _ = outputs[id(t)]
+            in_f = _in_features(g[0][1])
+            if _is_norm(pmod, in_f):
+                prod = ("norm", pmod, None, pname)
+            elif id(pmod) in view.local_of and _out_features(pmod) == in_f:
+                prod = ("linear", pmod, slice(0, in_f), view.local_of[id(pmod)])
+        if prod is None and len(g) == 1:
+            r = _linear_rule(view.local_of[id(g[0][1])], g[0][1], view.by_local)
+            if r is not None:
+                prod = ("linear", r[0], r[1], view.local_of[id(r[0])])
+        producers.append(prod)
+    return producers
+
+
+def _search_and_fold_scales(view: _LayerView, qnames: set[str], st: _AWQSettings, stats: list, producers: list,
+                            captures: list, log: dict, modified: set[str]) -> list:
+    """Step 2: per group (in call order) search the activation-aware scale and fold it into the
+    producer; a fold that changes the layer's output on the first sample is undone."""
+    step, layer, local_of, name_of = view.step, view.layer, view.local_of, view.name_of
     n0 = step.inputs[0].shape[0]
     probe = (step.inputs[0][:1], _slice_batch(step.args[0], n0), _slice_batch(step.kwargs[0], n0))
     with torch.no_grad():
@@ -509,30 +559,29 @@ def _awq_layer(step, qnames: set[str], fmt, group_size: int, n_grid: int, clip: 
     dt = next(layer.parameters()).dtype
     tol = 1e-3 if dt == torch.float32 or dt == torch.float64 else 5e-2
 
-    # 2) scale search + fold, group by group (in call order)
-    scales: list[torch.Tensor | None] = [None] * len(groups)
-    for gi, g in enumerate(groups):
+    scales: list[torch.Tensor | None] = [None] * len(view.groups)
+    for gi, g in enumerate(view.groups):
         qmem = [(n, m) for n, m in g if n in qnames]
         prod = producers[gi]
         gname = "+".join(local_of[id(m)] for _, m in g)
-        if not qmem or n_grid <= 1:
+        if not qmem or st.n_grid <= 1:
             continue
         if prod is None:
             log["unscaled"].append(f"{step.name}:{gname} (no foldable producer)")
             continue
-        st = stats[gi]
+        sg = stats[gi]
         key = f"{step.name}:{gname}"
         cap = captures[gi]
         if cap is not None and not _module_replays(cap, tol):
             log["loss_fallback"].append(f"{key} ({cap[1]} cannot be called on its recorded inputs)")
             cap = None
         if cap is not None:
-            s, alpha, mse = search_scale_module(cap[0], cap[2].calls, [m for _, m in qmem], st.mean, fmt,
-                                                group_size, n_grid)
+            s, alpha, mse = search_scale_module(cap[0], cap[2].calls, [m for _, m in qmem], sg.mean, st.fmt,
+                                                st.group_size, st.n_grid)
             log["loss"][key] = f"module:{cap[1]}"
         else:
-            s, alpha, mse = search_scale([weight_matrix(m) for _, m in qmem], st.H, st.mean, st.n, fmt,
-                                         group_size, n_grid)
+            s, alpha, mse = search_scale([weight_matrix(m) for _, m in qmem], sg.H, sg.mean, sg.n, st.fmt,
+                                         st.group_size, st.n_grid)
             log["loss"][key] = "linear"
         kind, pmod, rows, pname = prod
         if alpha == 0.0:
@@ -556,28 +605,30 @@ def _awq_layer(step, qnames: set[str], fmt, group_size: int, n_grid: int, clip: 
             modified.update(f"{step.name}.{pname}.{k}" for k in _params_of(pmod))
         else:
             modified.update(f"{name_of[id(pmod)]}.{k}" for k in _params_of(pmod))
+    return scales
 
-    if not quantize:
-        return
-    # 3) clip search + 4) RTN, for the quantized members of every group
-    for gi, g in enumerate(groups):
-        st = stats[gi]
+
+def _clip_and_quantize(view: _LayerView, qnames: set[str], st: _AWQSettings, stats: list, scales: list,
+                       log: dict, modified: set[str]) -> None:
+    """Steps 3 and 4: clip search (on the scaled Hessian) and round-to-nearest, for the quantized
+    members of every group."""
+    for gi, g in enumerate(view.groups):
+        sg = stats[gi]
         s = scales[gi]
-        H = st.H if s is None else st.H / (s[:, None] * s[None, :])
+        H = sg.H if s is None else sg.H / (s[:, None] * s[None, :])
         for n, m in g:
             if n not in qnames:
                 continue
             W = weight_matrix(m).float()
-            if clip and not clip_qk and _no_clip(n):
+            if st.clip and not st.clip_qk and _no_clip(n):
                 log["clip_skipped"].append(n)
-            elif clip:
-                ratio = search_clip(W, H, fmt, group_size, clip_grid, max_shrink)
-                W = apply_clip(W, ratio, group_size)
+            elif st.clip:
+                ratio = search_clip(W, H, st.fmt, st.group_size, st.clip_grid, st.max_shrink)
+                W = apply_clip(W, ratio, st.group_size)
                 log["clip_mean"][n] = float(ratio.mean())
-            set_weight_matrix(m, quantize_weight(W, fmt, group_size).w_hat)
+            set_weight_matrix(m, quantize_weight(W, st.fmt, st.group_size).w_hat)
             modified.add(n + ".weight")
             log["quantized"].append(n)
-    del stats, captures
 
 
 # ------------------------------------------------------------------------------------ the method
@@ -634,9 +685,10 @@ def awq_quantize_model(model: nn.Module, input_ids: torch.Tensor, cfg: QuantConf
                            "loss": {}, "loss_fallback": [], "clip_skipped": []}
     modified: set[str] = set()
 
+    settings = _AWQSettings(fmt, cfg.group_size, n_grid, clip, clip_grid, max_shrink, quantize, loss, clip_qk)
+
     def cb(step):
-        _awq_layer(step, qnames, fmt, cfg.group_size, n_grid, clip, clip_grid,
-                   max_shrink, quantize, log, modified, loss, clip_qk)
+        _awq_layer(step, qnames, settings, log, modified)
 
     run_layerwise(model, input_ids, cb, device=device, batch_size=batch_size, progress=progress, desc="awq")
     rtn_outside = []
