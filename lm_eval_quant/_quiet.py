@@ -74,5 +74,5 @@ def quiet_git() -> None:
 
         if getattr(ev, "get_git_commit_hash", None) is not quiet_git_hash:
             ev.get_git_commit_hash = quiet_git_hash
-    except Exception:  # lm-eval missing or reorganised: keep its own behaviour
-        pass
+    except (ImportError, AttributeError) as e:  # lm-eval missing or reorganised: keep its own behaviour
+        logging.getLogger(__name__).debug("quiet_git: lm-eval's git hash left as it is: %s", e)

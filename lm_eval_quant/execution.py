@@ -520,7 +520,7 @@ def _peak_rss_bytes() -> int:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
-    except Exception:  # pragma: no cover
+    except (OSError, ValueError, IndexError):  # pragma: no cover  (no /proc: ru_maxrss below)
         pass
     import resource
 

@@ -439,3 +439,18 @@ def hellaswag_process_docs(dataset):
                 "choices": [pre(e) for e in doc["endings"]], "gold": int(doc["label"])}
 
     return dataset.map(one)
+
+
+# --------------------------------------------------------------------------- YAML hooks
+def yaml_hooks() -> dict[str, Any]:
+    """Every name the YAMLs use as ``!function utils.<name>``: the metrics, and ``load_<key>``
+    for every :data:`SOURCES` entry, so a new task adds its ``Source`` here and nothing in the
+    ``utils.py`` shims (which only load this file by path and publish these names)."""
+    hooks: dict[str, Any] = {
+        "process_results": process_results_mc,
+        "process_results_binary": make_process_results("label_binary"),
+        "macro_f1": macro_f1,
+        "hellaswag_process_docs": hellaswag_process_docs,
+    }
+    hooks.update({f"load_{key}": make_loader(key) for key in SOURCES})
+    return hooks

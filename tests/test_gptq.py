@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from lm_eval_quant.errors import QuantArgError  # noqa: E402
-from lm_eval_quant.formats import make_format, quantize_weight  # noqa: E402
+from lm_eval_quant.formats import QParams, make_format, quantize_weight  # noqa: E402
 from lm_eval_quant.methods import build_config, get_method  # noqa: E402
 from lm_eval_quant.methods.base import QuantContext  # noqa: E402
 from lm_eval_quant.methods.gptq import GPTQSolver  # noqa: E402
@@ -150,13 +150,18 @@ def test_output_error_lower_than_rtn(spec, bits, sym, gs, act_order, static):
     X = correlated()
     W = torch.randn(48, 128, generator=torch.Generator().manual_seed(5))
     fmt = make_format(spec, bits, sym)
-    r = solve(W, X=X, fmt=fmt, gs=gs, act_order=act_order, static_groups=static)
+    r = solve(W, X=X, fmt=fmt, gs=gs, act_order=act_order, static_groups=static, keep_qstate=True)
     e_gptq, e_rtn = out_err(W, r["w_hat"], X), out_err(W, quantize_weight(W, fmt, gs).w_hat, X)
     # measured ratios 0.31-0.59 (2-bit groups of 32 without act_order: 0.87)
     limit = 0.92 if (bits == 2 and not act_order) else 0.7
     assert e_gptq < limit * e_rtn, (e_gptq, e_rtn)
-    # every weight is on the format's grid of its group (re-quantizing with the same stats is a no-op)
-    assert torch.isfinite(r["w_hat"]).all()
+    # every weight is on the format's grid of its group: a k-bit code dequantized with its group's
+    # scale (and zero point), exactly
+    q = r["qstate"]
+    g = q["g_idx"].long()
+    assert int(q["codes"].max()) < 2 ** bits and g.shape == (W.shape[1],)
+    qp = QParams(q["scale"][:, g], None if q["zero"] is None else q["zero"][:, g])
+    assert torch.equal(fmt.dequantize(q["codes"], qp), r["w_hat"].float())
 
 
 @pytest.mark.parametrize("gs", [16, 32, 128])

@@ -90,7 +90,8 @@ def test_missing_local_model_is_one_line(tmp_path):
 
 def test_end_to_end_llama_accounting(tiny_llama, toy_task_dir):
     r = _evaluate("hf-quant", f"pretrained={tiny_llama},method=rtn,bits=4,group_size=128,device=cpu,cache=false", toy_task_dir)
-    assert 0.0 <= r["results"]["lmq_toy_mc"]["acc,none"] <= 1.0
+    acc, n = r["results"]["lmq_toy_mc"]["acc,none"], r["n-samples"]["lmq_toy_mc"]["effective"]
+    assert n == 24 and 0.0 <= acc <= 1.0 and acc * n == pytest.approx(round(acc * n))  # k of the 24 items right
     q = r["config"]["quantization"]
     assert q["quant_config"]["method"] == "rtn" and q["quant_config"]["bits"] == 4
     assert q["bits_per_quantized_weight"] == 4.15625  # 4 + (16-bit scale + 4-bit zero) / 128

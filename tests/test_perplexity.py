@@ -160,7 +160,6 @@ def test_c4_gptq_windows_and_value(tiny, data_dir, monkeypatch):
 
 
 def test_hf_quant_baseline_gives_the_same_number(tiny, data_dir, monkeypatch):
-    pytest.importorskip("lm_eval_quant.models.hf_quant")
     monkeypatch.setenv("LMQ_DATA_DIR", str(data_dir))
     a, _ = _run(tiny, "wikitext2_gptq", {"ppl_seqlen": 32}, limit=4)
     b, _ = _run(tiny, "wikitext2_gptq", {"ppl_seqlen": 32}, model="hf-quant", extra_args=",method=none", limit=4)

@@ -162,7 +162,7 @@ def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) 
     """
     try:
         out_emb = model.get_output_embeddings()
-    except Exception:
+    except (AttributeError, NotImplementedError):  # not a transformers model
         out_emb = None
     result = []
     for name, mod in model.named_modules():
@@ -196,7 +196,7 @@ def untie_if_shared(model: nn.Module, module: nn.Module) -> None:
     emb = None
     try:
         emb = model.get_input_embeddings()
-    except Exception:
+    except (AttributeError, NotImplementedError):  # not a transformers model: no embeddings to compare
         pass
     if emb is not None and getattr(emb, "weight", None) is w:
         module.weight = nn.Parameter(w.detach().clone(), requires_grad=False)

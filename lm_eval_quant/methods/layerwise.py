@@ -163,7 +163,7 @@ def release_free_memory() -> None:
     if _LIBC:
         try:
             _LIBC.malloc_trim(0)
-        except Exception:
+        except (OSError, AttributeError):  # best effort: memory is returned to the OS later instead
             pass
 
 

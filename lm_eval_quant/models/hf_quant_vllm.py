@@ -179,8 +179,8 @@ class HFQuantVLLM(LM):
         if callable(inner):
             try:
                 info.update(inner())
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as e:  # noqa: BLE001  (lm-eval's own model info is optional)
+                log.debug("vllm get_model_info failed: %s: %s", type(e).__name__, e)
         q = dict(self._accounting)
         ex = dict(self._exec)
         ex["loglikelihood_requests"] = self._ll["requests"]

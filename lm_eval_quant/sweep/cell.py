@@ -19,6 +19,7 @@ On failure the cell writes ``CELL_DIR/error.txt`` (one line) and exits 1 (2 for 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -26,6 +27,8 @@ import traceback
 from pathlib import Path
 
 from lm_eval_quant.sweep._io import CELL_JSON, DONE, ERROR, atomic_write_text, die_with_parent, fsync_dir
+
+_log = logging.getLogger(__name__)
 
 
 def one_line(exc: BaseException, limit: int = 400) -> str:
@@ -50,8 +53,8 @@ def task_include_paths(harness: dict) -> list[str]:
         if td.is_dir() and any(td.rglob("*.yaml")) and str(td.resolve()) not in paths:
             # first: lm-eval lets later folders override earlier ones, so the user's tasks win
             paths.insert(0, str(td.resolve()))
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception as e:  # noqa: BLE001  (no shipped tasks: the user's include_path alone)
+        _log.debug("shipped task folder not added: %s: %s", type(e).__name__, e)
     return paths
 
 
@@ -309,8 +312,8 @@ def serve() -> int:
             try:
                 _TM_CACHE[_tm_key(tasks, harness)] = make_task_manager(tasks, harness)
                 missing = _TM_CACHE[_tm_key(tasks, harness)][1]
-            except Exception:  # noqa: BLE001  (the cell will build it and report the error itself)
-                pass
+            except Exception as e:  # noqa: BLE001  (the cell will build it and report the error itself)
+                _log.debug("task index not prebuilt: %s: %s", type(e).__name__, e)
             _preimport(prep.get("models", []), prep.get("methods", []))
             fork_ok = not (torch.cuda.is_available() and torch.cuda.is_initialized())
             proto.write(json.dumps({"prepared": True, "fork_ok": fork_ok, "missing": missing}) + "\n")
@@ -362,18 +365,18 @@ def _preimport(models: list[str], methods: list[str]) -> None:
         try:
             cfg = transformers.AutoConfig.from_pretrained(m)
             _ = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
-        except Exception:  # noqa: BLE001  (hub id offline, unknown architecture: the cell will say)
-            pass
+        except Exception as e:  # noqa: BLE001  (hub id offline, unknown architecture: the cell will say)
+            _log.debug("preimport of %s skipped: %s: %s", m, type(e).__name__, e)
     try:
         from lm_eval_quant.methods import get_method
 
         for name in methods:
             try:
                 get_method(name)
-            except Exception:  # noqa: BLE001
-                pass
-    except Exception:  # noqa: BLE001
-        pass
+            except Exception as e:  # noqa: BLE001  (the cell reports an unusable method itself)
+                _log.debug("preimport of method %s skipped: %s: %s", name, type(e).__name__, e)
+    except ImportError as e:
+        _log.debug("methods not preimported: %s", e)
 
 
 if __name__ == "__main__":
