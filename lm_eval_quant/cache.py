@@ -14,12 +14,28 @@ the ``peft=`` adapter / ``delta=`` weights applied on top. File hashes are memoi
 is hashed once, and any rewrite of a file is noticed (an in-place rewrite that restores size,
 mtime and inode still moves the ctime).
 
+``keep_qstate`` is not part of the key: it does not change the weights, and callers quantize
+with it on (:func:`keep_state_config`) so that every entry holds codes and an export can reuse an
+evaluation's entry.
+
 Entry = ``<cache_dir>/entries/<key>/`` holding
-  ``tensors.safetensors``  the parameters in ``report.modified`` at the model's dtype (never pickle),
-                            plus a method's integer state (``qstate``) when it kept one;
-  ``manifest.json``         key fields, tensor names/shapes/dtypes, file size, the xxh3-128 of
-                            the tensors file, the report (modified, seconds, the JSON-able part of
-                            extra), the creation time, and an xxh3-128 of the manifest itself.
+  ``tensors.safetensors``  (never pickle) every quantized linear of ``report.modified`` as its
+                            integer codes packed at ``bits`` per weight (the export's bit packing
+                            on the flattened codes) + scale + zero + g_idx -- the method's kept
+                            state, else recovered from the weights (export.recover_qstate) -- used
+                            only when ``(code − zero)·scale`` rebuilds the weight bit for bit;
+                            every other modified tensor at the checkpoint's storage dtype when
+                            that is lossless, else as it is; plus a method's other ``qstate``;
+  ``manifest.json``         key fields, the modified parameters' shapes/dtypes (``tensors``), the
+                            file's tensors (``stored``), how each parameter is rebuilt
+                            (``report.layout``), file size, the xxh3-128 of the tensors file, the
+                            report (modified, seconds, the JSON-able part of extra), the creation
+                            time, and an xxh3-128 of the manifest itself. Its mtime is the entry's
+                            last use (set on every hit).
+
+Size cap: after each write, entries are removed least recently used first until the cache is at
+most ``$LMQ_CACHE_MAX_GB`` (default 20 GB); ``lm-eval-quant cache list|size|clean`` (cache_cli.py)
+does the same by hand. An entry whose lock a process holds is never removed.
 
 Writes go to ``<cache_dir>/tmp/<key>.<pid>.<random>/`` and are published with one
 ``os.rename`` of the folder, so a reader sees a complete entry or none (a process killed
@@ -32,7 +48,7 @@ byte of the tensors file (a real hash, at memory speed: a changed, moved, swappe
 byte range is detected). Any error while reading or applying an entry (a damaged manifest that
 still parses, a wrong layer name, a shape mismatch) means corrupt: one warning line, the entry is
 deleted and recomputed; the model is only changed once the whole entry has been checked.
-Tensors are memory-mapped from the verified file, not copied. A cache folder that is read-only
+Dense tensors are memory-mapped from the verified file, not copied; packed ones are rebuilt. A cache folder that is read-only
 or full costs one warning: the evaluation goes on without storing (an existing entry is still
 used when it can be read).
 """
