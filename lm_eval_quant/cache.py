@@ -615,6 +615,15 @@ def _int_weight(codes, scale, zero, g_idx, dtype):
     """W[o, i] = (code − zero[o, g(i)]) · scale[o, g(i)], in float32 then cast: the int formats'
     own dequantization (formats.base.Format.fake), so a stored entry reproduces the weights bit
     for bit (checked when it is written)."""
+    import torch
+
+    out_f, in_f = codes.shape
+    n_g = scale.shape[1]
+    g = -(-in_f // n_g) if n_g else in_f
+    if n_g and in_f == n_g * g and torch.equal(g_idx.long(), torch.arange(in_f) // g):
+        # contiguous groups: broadcast per group instead of gathering (same values, elementwise)
+        w = (codes.view(out_f, n_g, g).float() - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+        return w.view(out_f, in_f).to(dtype)
     gi = g_idx.long()
     return ((codes.float() - zero.float()[:, gi]) * scale.float()[:, gi]).to(dtype)
 
@@ -640,8 +649,8 @@ def _unpack_codes(words, bits: int, shape) -> Any:
     from .export import unpack_rows
 
     n = math.prod(shape)
-    flat = unpack_rows(words.view(-1, 1), bits, n + (-n) % 32).view(-1)[:n]
-    return flat.to(torch.uint8).view(*shape)
+    flat = unpack_rows(words.view(-1, 1), bits, n + (-n) % 32, dtype=torch.uint8).view(-1)[:n]
+    return flat.view(*shape)
 
 
 def _encode_int(model, name: str, t, cfg, qstate: dict, q: dict) -> tuple[dict, dict] | None:
@@ -700,8 +709,9 @@ def _encode_int(model, name: str, t, cfg, qstate: dict, q: dict) -> tuple[dict, 
     else:
         s16 = scale.to(torch.float16)
         sc = s16 if _bits_equal(s16.float(), scale.float()) else scale.float()
+        in_range = bool(((zero >= 0) & (zero < 256)).all())
         zi = zero.to(torch.uint8)
-        zz = zi if (zero.is_floating_point() and _bits_equal(zi.float(), zero.float())) or not zero.is_floating_point() and bool((zero >= 0).all() and (zero < 256).all()) else zero.float()
+        zz = zi if in_range and _bits_equal(zi.to(zero.dtype), zero) else zero.float()
         files.update({base + "scale": sc.contiguous(), base + "zero": zz.contiguous(),
                       base + "g_idx": g_idx.to(torch.int32).contiguous()})
         lay.update(scale=base + "scale", zero=base + "zero", g_idx=base + "g_idx")

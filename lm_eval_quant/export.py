@@ -157,17 +157,18 @@ def pack_rows(values, bits: int):
     return words.to(torch.int32)
 
 
-def unpack_rows(packed, bits: int, n: int):
-    """Inverse of :func:`pack_rows`: int32 [n·bits/32, M] → int64 codes [n, M]."""
+def unpack_rows(packed, bits: int, n: int, dtype=None):
+    """Inverse of :func:`pack_rows`: int32 [n·bits/32, M] → codes [n, M] (int64, or `dtype`)."""
     import torch
 
-    w = packed.to(torch.int64) & 0xFFFFFFFF
-    m = w.shape[1]
-    if 32 % bits == 0:
+    dtype = dtype or torch.int64
+    m = packed.shape[1]
+    if 32 % bits == 0:  # in int32: an arithmetic shift then the mask gives the same bits
         per = 32 // bits
-        shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
-        v = (w.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-        return v.reshape(-1, m)[:n]
+        shifts = (torch.arange(per, dtype=torch.int32) * bits).view(1, per, 1)
+        v = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        return v.reshape(-1, m)[:n].to(dtype)
+    w = packed.to(torch.int64) & 0xFFFFFFFF
     runs = w.reshape(-1, bits, m)
     out = torch.zeros(runs.shape[0], 32, m, dtype=torch.int64)
     mask = (1 << bits) - 1
@@ -178,7 +179,7 @@ def unpack_rows(packed, bits: int, n: int):
         if sh + bits > 32:
             val = val | (runs[:, wi + 1] << (32 - sh))
         out[:, j] = val & mask
-    return out.reshape(-1, m)[:n]
+    return out.reshape(-1, m)[:n].to(dtype)
 
 
 def pack_cols(values, bits: int):
