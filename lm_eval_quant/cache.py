@@ -699,22 +699,26 @@ def _encode_int(model, name: str, t, cfg, qstate: dict, q: dict) -> tuple[dict, 
     files = {base + "codes": _pack_codes(codes, bits)}
     lay = {"enc": "int", "bits": bits, "shape": list(W.shape), "dtype": str(t.dtype).replace("torch.", ""),
            "transposed": bool(transposed), "codes": base + "codes"}
+    s16 = scale.to(torch.float16)
+    sc = s16 if _bits_equal(s16.to(scale.dtype), scale) else scale.float()
+    in_range = bool(((zero >= 0) & (zero < 256)).all())
+    zi = zero.to(torch.uint8)
+    zz = zi if in_range and _bits_equal(zi.to(zero.dtype), zero) else zero.float()
+    files.update({base + "scale": sc.contiguous(), base + "zero": zz.contiguous()})
+    lay.update(scale=base + "scale", zero=base + "zero")
     if from_method:
-        # the method's own state: its scale/zero/g_idx stay qstate tensors (stored once), its
-        # codes are the packed ones above and come back at their dtype on a hit
+        # the method's own state is stored once: its codes, scale and zero are the compact
+        # tensors above and come back under their qstate names at their dtypes on a hit;
+        # its g_idx (and perm) stay qstate tensors
         qk = f"{_QSTATE_PREFIX}{lin}."
-        q["tensors"].pop(qk + "codes", None)
-        lay.update(scale=qk + "scale", zero=qk + "zero", g_idx=qk + "g_idx", qstate_codes=qk + "codes",
-                   codes_dtype=str(qs["codes"].dtype).replace("torch.", ""))
+        back = {}
+        for f in ("codes", "scale", "zero"):
+            q["tensors"].pop(qk + f, None)
+            back[f] = [qk + f, str(qs[f].dtype).replace("torch.", "")]
+        lay.update(g_idx=qk + "g_idx", qstate=back)
     else:
-        s16 = scale.to(torch.float16)
-        sc = s16 if _bits_equal(s16.float(), scale.float()) else scale.float()
-        in_range = bool(((zero >= 0) & (zero < 256)).all())
-        zi = zero.to(torch.uint8)
-        zz = zi if in_range and _bits_equal(zi.to(zero.dtype), zero) else zero.float()
-        files.update({base + "scale": sc.contiguous(), base + "zero": zz.contiguous(),
-                      base + "g_idx": g_idx.to(torch.int32).contiguous()})
-        lay.update(scale=base + "scale", zero=base + "zero", g_idx=base + "g_idx")
+        files[base + "g_idx"] = g_idx.to(torch.int32).contiguous()
+        lay["g_idx"] = base + "g_idx"
     return files, lay
 
 
@@ -782,8 +786,9 @@ def _decode(man: dict, stored: dict) -> dict:
             w = _int_weight(codes, stored[lay["scale"]], stored[lay["zero"]], stored[lay["g_idx"]],
                             getattr(torch, lay["dtype"]))
             out[name] = w.t().contiguous() if lay.get("transposed") else w
-            if lay.get("qstate_codes"):
-                stored[lay["qstate_codes"]] = codes.to(getattr(torch, lay.get("codes_dtype", "uint8")))
+            parts = {"codes": codes, "scale": stored[lay["scale"]], "zero": stored[lay["zero"]]}
+            for f, (k, dt) in (lay.get("qstate") or {}).items():
+                stored[k] = parts[f].to(getattr(torch, dt))
         else:
             raise CacheCorrupt(f"unknown encoding {enc!r} for {name}")
         want = (man.get("tensors") or {}).get(name) or {}

@@ -113,6 +113,22 @@ def test_entry_is_compact_and_hit_is_bit_identical(model_dir, calib_file, tmp_pa
         assert torch.equal(m1(IDS).logits, m2(IDS).logits)
 
 
+def test_conv1d_entry_is_compact(tmp_path):
+    """GPT-2 stores Conv1D weights [in, out]: packed in [out, in] order, rebuilt transposed."""
+    from lm_eval_quant.toy import make_tiny_model
+
+    d = make_tiny_model(tmp_path / "gpt2", arch="gpt2", hidden=64, layers=1, heads=4, train_steps=0, seed=1)
+    cfg = build_config(method="rtn", bits=4, group_size=32)
+    m1, rep1, _ = _quant(d, tmp_path / "c", cfg)
+    _, man = _entry_bytes(tmp_path / "c")
+    assert {man["report"]["layout"][n + ".weight"]["enc"] for n in rep1.quantized} == {"int"}
+    assert any(man["report"]["layout"][n + ".weight"]["transposed"] for n in rep1.quantized)
+    m2, rep2, hit = _quant(d, tmp_path / "c", cfg, fail=True)
+    assert hit
+    for n in rep1.modified:
+        assert qc._bits_equal(m1.get_parameter(n).detach(), m2.get_parameter(n).detach()), n
+
+
 def test_kept_qstate_comes_back_on_a_hit(model_dir, calib_file, tmp_path):
     """A caller that asks for keep_qstate gets the method's state back on a hit, codes included,
     from an entry written by a run that did not ask (the key ignores keep_qstate)."""
