@@ -3,6 +3,10 @@
     lm-eval-quant export --model_args pretrained=DIR,method=gptq,bits=4,group_size=128 --output OUT
     # or, inside an evaluation:  --model_args ...,save_quantized=OUT
 
+Steps: :func:`plan_export` (checks, which linears, block layout, dtypes) → :func:`pack_export`
+(integer state → packed tensors) → :func:`write_export` (files, one rename); the command is in
+:mod:`lm_eval_quant.export_cli`.
+
 What is written (the layout GPTQModel, transformers+optimum and vLLM read):
 
 * for every quantized linear ``X`` (weight [out, in]):
@@ -13,7 +17,9 @@ What is written (the layout GPTQModel, transformers+optimum and vLLM read):
   ``X.scales`` fp16 [n_groups, out]; ``X.g_idx`` int32 [in] (group of each input column: ``i // g``,
   or the act-order groups); ``X.bias`` when the layer has one.  Dequantization is
   ``W[o, i] = scales[g_idx[i], o] · (code[i, o] − zero[g_idx[i], o])``.
-* every other tensor unchanged (norms, embeddings, lm_head, AWQ-folded norm weights);
+* every other tensor (norms, embeddings, lm_head, AWQ-folded norm weights) at the source
+  checkpoint's storage dtype (an fp16 model evaluated in fp32 writes fp16 embeddings); a head
+  tied to the embedding (``tie_word_embeddings``) is written once and re-tied by loaders;
 * ``config.json`` with ``quantization_config`` (quant_method gptq, bits, group_size, desc_act, sym,
   checkpoint_format, ...) + generation config + tokenizer files.
 
