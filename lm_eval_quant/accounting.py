@@ -10,6 +10,8 @@ and its dtype in memory. These are the figures 2212.09720 and 2405.03146 plot ag
 
 from __future__ import annotations
 
+import json
+import os
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -125,3 +127,19 @@ def summary(quant_config, params_total: int, params_q: int, layers_q: int, bits_
     }
     info.update(extra)
     return info
+
+
+def checkpoint_dtype(model) -> str | None:
+    """The dtype the checkpoint stores its weights in (its config.json ``dtype``/``torch_dtype``),
+    read from the file when the model came from a local folder, as transformers may rewrite the
+    in-memory config with the dtype it loaded in. None when unknown."""
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if path and os.path.isfile(os.path.join(str(path), "config.json")):
+        try:
+            with open(os.path.join(str(path), "config.json"), encoding="utf-8") as fh:
+                conf = json.load(fh)
+            d = as_dtype(conf.get("dtype") or conf.get("torch_dtype"))
+            return None if d is None else str(d).replace("torch.", "")
+        except (OSError, ValueError):
+            return None
+    return None

@@ -1,7 +1,7 @@
 """``lm-eval-quant`` console script (dispatch only).
 
     lm-eval-quant [lm_eval arguments ...]     # = stock lm_eval + hf-quant + our task_configs
-    lm-eval-quant export|sweep|report|demo ... # the package's own tools
+    lm-eval-quant export|cache|sweep|report|demo ... # the package's own tools
 
 Everything that is not one of our subcommands goes to lm-eval's own CLI entry
 (``lm_eval.__main__.cli_evaluate``), so every lm_eval flag and subcommand (run, ls, validate)
@@ -20,7 +20,8 @@ import sys
 PROG = "lm-eval-quant"
 
 SUBCOMMANDS = {
-    "export": ("lm_eval_quant.export", "main", "write a quantized model in the GPTQ checkpoint format"),
+    "export": ("lm_eval_quant.export_cli", "main", "write a quantized model in the GPTQ checkpoint format"),
+    "cache": ("lm_eval_quant.cache_cli", "main", "list, measure and trim the quantized-weights cache"),
     "sweep": ("lm_eval_quant.sweep.cli", "main", "run a precision x model-size sweep"),
     "report": ("lm_eval_quant.report.cli", "main", "tables and plots from sweep results"),
     "demo": ("lm_eval_quant.demo", "main", "train tiny offline models, sweep methods × 16/8/4/3/2 bits, write the report"),

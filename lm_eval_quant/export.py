@@ -3,6 +3,10 @@
     lm-eval-quant export --model_args pretrained=DIR,method=gptq,bits=4,group_size=128 --output OUT
     # or, inside an evaluation:  --model_args ...,save_quantized=OUT
 
+Steps: :func:`plan_export` (checks, which linears, block layout, dtypes) → :func:`pack_export`
+(integer state → packed tensors) → :func:`write_export` (files, one rename); the command is in
+:mod:`lm_eval_quant.export_cli`.
+
 What is written (the layout GPTQModel, transformers+optimum and vLLM read):
 
 * for every quantized linear ``X`` (weight [out, in]):
@@ -13,7 +17,9 @@ What is written (the layout GPTQModel, transformers+optimum and vLLM read):
   ``X.scales`` fp16 [n_groups, out]; ``X.g_idx`` int32 [in] (group of each input column: ``i // g``,
   or the act-order groups); ``X.bias`` when the layer has one.  Dequantization is
   ``W[o, i] = scales[g_idx[i], o] · (code[i, o] − zero[g_idx[i], o])``.
-* every other tensor unchanged (norms, embeddings, lm_head, AWQ-folded norm weights);
+* every other tensor (norms, embeddings, lm_head, AWQ-folded norm weights) at the source
+  checkpoint's storage dtype (an fp16 model evaluated in fp32 writes fp16 embeddings); a head
+  tied to the embedding (``tie_word_embeddings``) is written once and re-tied by loaders;
 * ``config.json`` with ``quantization_config`` (quant_method gptq, bits, group_size, desc_act, sym,
   checkpoint_format, ...) + generation config + tokenizer files.
 
@@ -45,12 +51,12 @@ dequantizes in fp16, so logits agree to about 1e-3 relative on float32 models.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,17 +163,18 @@ def pack_rows(values, bits: int):
     return words.to(torch.int32)
 
 
-def unpack_rows(packed, bits: int, n: int):
-    """Inverse of :func:`pack_rows`: int32 [n·bits/32, M] → int64 codes [n, M]."""
+def unpack_rows(packed, bits: int, n: int, dtype=None):
+    """Inverse of :func:`pack_rows`: int32 [n·bits/32, M] → codes [n, M] (int64, or `dtype`)."""
     import torch
 
-    w = packed.to(torch.int64) & 0xFFFFFFFF
-    m = w.shape[1]
-    if 32 % bits == 0:
+    dtype = dtype or torch.int64
+    m = packed.shape[1]
+    if 32 % bits == 0:  # in int32: an arithmetic shift then the mask gives the same bits
         per = 32 // bits
-        shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
-        v = (w.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-        return v.reshape(-1, m)[:n]
+        shifts = (torch.arange(per, dtype=torch.int32) * bits).view(1, per, 1)
+        v = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        return v.reshape(-1, m)[:n].to(dtype)
+    w = packed.to(torch.int64) & 0xFFFFFFFF
     runs = w.reshape(-1, bits, m)
     out = torch.zeros(runs.shape[0], 32, m, dtype=torch.int64)
     mask = (1 << bits) - 1
@@ -178,7 +185,7 @@ def unpack_rows(packed, bits: int, n: int):
         if sh + bits > 32:
             val = val | (runs[:, wi + 1] << (32 - sh))
         out[:, j] = val & mask
-    return out.reshape(-1, m)[:n]
+    return out.reshape(-1, m)[:n].to(dtype)
 
 
 def pack_cols(values, bits: int):
@@ -372,22 +379,29 @@ def _block_suffixes(model, names: list[str]) -> tuple[str | None, list[str] | No
     return prefix, inside, outside
 
 
-def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict | None = None,
-                   checkpoint_format: str = "auto", progress: bool = True, source: str | None = None) -> Path:
-    """Write the (fake-)quantized `model` as a GPTQ-format checkpoint in `path`.
+@dataclass
+class ExportPlan:
+    """What will be written, decided before any packing: the linears, their kept integer state,
+    the decoder-block layout, the dtype of every tensor that is not packed."""
 
-    `cfg` is the QuantConfig the model was quantized with; `report` its QuantReport (its
-    ``quantized`` list names the linears; ``extra["qstate"]`` is used when present); `qstate`
-    overrides the report's (``{}``: ignore it and recover the state from the weights). `source`
-    (the model id it came from) is recorded in the config's quantization meta. The model is not
-    modified. Returns the output path.
-    """
-    import torch
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+    cfg: Any
+    bits: int
+    group: int
+    lins: list  # [(name, module, W [out, in])]
+    qstate: dict
+    block: str | None
+    modules_in_block: list | None
+    storage_dtype: Any  # torch dtype of unquantized tensors and config.json's dtype
+    checkpoint_format: str
+    source: str | None = None
 
-    from . import __version__
-    from .formats.base import block_length
+
+def plan_export(model, cfg, report=None, qstate: dict | None = None, checkpoint_format: str = "auto",
+                storage_dtype: Any = None, source: str | None = None) -> ExportPlan:
+    """Check that `model` (quantized with `cfg`) can be written and decide how; one-line
+    QuantArgError otherwise. `storage_dtype` None: the checkpoint's own dtype when the model
+    came from a local folder (:func:`lm_eval_quant.accounting.checkpoint_dtype`), else the model's."""
+    from .accounting import as_dtype, checkpoint_dtype
 
     check_exportable(cfg)
     if checkpoint_format not in ("auto", "gptq", "gptq_v2"):
@@ -416,23 +430,48 @@ def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict |
             f"{_PREFIX}: {outside[0]} lies outside the decoder layers; GPTQ checkpoints only quantize "
             f"linears inside them (keep it in skip=)"
         )
-    # suffix list when skip= excludes some in-block linears uniformly across layers
-    all_in_block = [n for n, _, _ in ((n, None, None) for n, m in model.named_modules()
-                                       if n.startswith(block + ".") and _is_lin(m))]
-    modules_in_block = None
-    if set(all_in_block) != set(inside):
-        def suffix(n):
-            rest = n[len(block) + 1:]
-            return rest.split(".", 1)[1] if "." in rest else rest
-        want = sorted({suffix(n) for n in inside})
-        for n in all_in_block:
-            if (n in set(inside)) != (suffix(n) in want):
-                raise QuantArgError(
-                    f"{_PREFIX}: skip= excludes {n} in some decoder layers but not in others; a GPTQ "
-                    f"checkpoint can only leave the same linears unquantized in every layer"
-                )
-        modules_in_block = [want]
+    sdt = as_dtype(storage_dtype) if storage_dtype is not None else as_dtype(checkpoint_dtype(model))
+    if sdt is None:
+        sdt = next(model.parameters()).dtype
+    return ExportPlan(cfg=cfg, bits=bits, group=group, lins=lins, qstate=qstate, block=block,
+                      modules_in_block=_modules_in_block(model, block, inside), storage_dtype=sdt,
+                      checkpoint_format=checkpoint_format, source=None if source is None else str(source))
 
+
+def _modules_in_block(model, block: str, inside: list[str]) -> list | None:
+    """GPTQ's ``modules_in_block_to_quantize`` when skip= leaves some in-block linears
+    unquantized (the same ones in every layer), else None."""
+    all_in_block = [n for n, m in model.named_modules() if n.startswith(block + ".") and _is_lin(m)]
+    if set(all_in_block) == set(inside):
+        return None
+
+    def suffix(n):
+        rest = n[len(block) + 1:]
+        return rest.split(".", 1)[1] if "." in rest else rest
+
+    want = sorted({suffix(n) for n in inside})
+    for n in all_in_block:
+        if (n in set(inside)) != (suffix(n) in want):
+            raise QuantArgError(
+                f"{_PREFIX}: skip= excludes {n} in some decoder layers but not in others; a GPTQ "
+                f"checkpoint can only leave the same linears unquantized in every layer"
+            )
+    return [want]
+
+
+def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict | None = None,
+                   checkpoint_format: str = "auto", progress: bool = True, source: str | None = None,
+                   storage_dtype: Any = None) -> Path:
+    """Write the (fake-)quantized `model` as a GPTQ-format checkpoint in `path`: plan, pack, write.
+
+    `cfg` is the QuantConfig the model was quantized with; `report` its QuantReport (its
+    ``quantized`` list names the linears; ``extra["qstate"]`` is used when present); `qstate`
+    overrides the report's (``{}``: ignore it and recover the state from the weights). `source`
+    (the model id it came from) is recorded in the config's quantization meta. Tensors that are
+    not packed (embeddings, norms, a tied head written once) are written at `storage_dtype`
+    (default: the source checkpoint's dtype). The model is not modified. Returns the output path.
+    """
+    plan = plan_export(model, cfg, report, qstate, checkpoint_format, storage_dtype, source)
     out = Path(path)
     check_output(out)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
@@ -440,8 +479,8 @@ def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict |
         shutil.rmtree(tmp)
     try:
         tmp.mkdir(parents=True)
-        return _write_checkpoint(model, cfg, out, tmp, lins, qstate, bits, group, checkpoint_format,
-                                 modules_in_block, block, tokenizer, source, progress)
+        state, fmt, desc_act = pack_export(model, plan, progress)
+        return write_export(model, plan, state, fmt, desc_act, out, tmp, tokenizer)
     except OSError as e:  # no space, read-only, ...: nothing half-written is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise QuantArgError(f"{_PREFIX}: writing {out} failed ({type(e).__name__}: "
@@ -451,36 +490,34 @@ def save_quantized(model, cfg, path, report=None, tokenizer=None, qstate: dict |
         raise
 
 
-def _write_checkpoint(model, cfg, out: Path, tmp: Path, lins, qstate, bits, group, checkpoint_format,
-                      modules_in_block, block, tokenizer, source, progress) -> Path:
-    """Pack and write into `tmp`, then publish it as `out` with one rename."""
+def pack_export(model, plan: ExportPlan, progress: bool = True) -> tuple[dict, str, bool]:
+    """(state dict to write, checkpoint format "gptq"/"gptq_v2", desc_act): every planned linear
+    packed from its integer state (kept, else recovered from the weights), every other tensor at
+    the plan's storage dtype, a tied output head once."""
     import torch
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from . import __version__
     from .formats.base import block_length
 
-    dtype = next(model.parameters()).dtype
+    bits, group = plan.bits, plan.group
     packed: dict[str, Any] = {}
     any_zero0 = False
     desc_act = False
     with torch.no_grad():
-        for name, mod, W in tqdm(lins, desc="export: packing", unit="layer", disable=not progress):
-            qs = qstate.get(name)
+        for name, mod, W in tqdm(plan.lins, desc="export: packing", unit="layer", disable=not progress):
+            qs = plan.qstate.get(name)
             if qs is not None:
                 qs = _check_qstate(name, qs, W, bits)
             else:
-                qs = recover_qstate(W, bits, group, bool(cfg.sym), name=name)
+                qs = recover_qstate(W, bits, group, bool(plan.cfg.sym), name=name)
             n_in = W.shape[1]
             gsz = block_length(n_in, group)
-            trivial = torch.equal(qs["g_idx"].long(), torch.arange(n_in) // gsz)
-            desc_act |= not trivial
+            desc_act |= not torch.equal(qs["g_idx"].long(), torch.arange(n_in) // gsz)
             zero = torch.round(qs["zero"]).to(torch.int64)        # [out, G]
             any_zero0 |= bool((zero == 0).any())
             packed[name] = (qs["codes"], qs["scale"], zero, qs["g_idx"])
 
-        fmt = checkpoint_format
+        fmt = plan.checkpoint_format
         if fmt == "auto":
             fmt = "gptq_v2" if any_zero0 else "gptq"
         elif fmt == "gptq" and any_zero0:
@@ -500,37 +537,70 @@ def _write_checkpoint(model, cfg, out: Path, tmp: Path, lins, qstate, bits, grou
                 state[f"{name}.bias"] = mod.bias.detach().cpu().to(torch.float16).contiguous()
                 replaced.add(f"{name}.bias")
             replaced.add(f"{name}.weight")
-
-        # every remaining tensor, tied ones included (transformers' GPTQ loader does not re-tie
-        # a missing output head: it reports it MISSING and re-initialises it)
+        replaced |= set(tied_duplicates(model))
         for k, v in model.state_dict().items():
             if k in replaced:
                 continue
-            state[k] = v.detach().cpu().contiguous().clone()
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            v = v.detach().cpu()
+            if v.is_floating_point() and v.dtype != plan.storage_dtype:
+                v = v.to(plan.storage_dtype)
+            state[k] = v.contiguous().clone()
+    return state, fmt, desc_act
 
+
+def tied_duplicates(model) -> list[str]:
+    """State-dict names that are the same tensor as an earlier one because the config ties them
+    (``tie_word_embeddings``: the output head is the input embedding): written once, loaders
+    re-tie them from the config. Untied copies (e.g. a head the method quantized) are kept."""
+    conf = getattr(model, "config", None)
+    if not getattr(conf, "tie_word_embeddings", False):
+        return []
+    seen: dict[tuple, str] = {}
+    dups = []
+    for k, v in model.state_dict(keep_vars=True).items():
+        if not getattr(v, "numel", lambda: 0)():
+            continue
+        ptr = (v.data_ptr(), tuple(v.shape), v.dtype)
+        if ptr in seen:
+            dups.append(k)
+        else:
+            seen[ptr] = k
+    return dups
+
+
+def write_export(model, plan: ExportPlan, state: dict, fmt: str, desc_act: bool, out: Path, tmp: Path,
+                 tokenizer=None) -> Path:
+    """Write the tensors, config.json (+ quantization_config), generation config and tokenizer
+    into `tmp`, then publish it as `out` with one rename."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    cfg = plan.cfg
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    opts = cfg.options or {}
     qcfg = {
         "quant_method": "gptq",
-        "bits": bits,
-        "group_size": group,
+        "bits": plan.bits,
+        "group_size": plan.group,
         "desc_act": bool(desc_act),
         "sym": bool(cfg.sym),
-        "static_groups": bool((cfg.options or {}).get("static_groups", False)),
-        "true_sequential": bool((cfg.options or {}).get("true_sequential", True)),
-        "damp_percent": float((cfg.options or {}).get("damp", 0.01)),
+        "static_groups": bool(opts.get("static_groups", False)),
+        "true_sequential": bool(opts.get("true_sequential", True)),
+        "damp_percent": float(opts.get("damp", 0.01)),
         "lm_head": False,
         "checkpoint_format": fmt,
         "format": fmt,
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"lm_eval_quant:{__version__}"],
-                 "lm_eval_quant": {"quant_config": cfg.to_dict(), "source": None if source is None else str(source)}},
+                 "lm_eval_quant": {"quant_config": cfg.to_dict(), "source": plan.source}},
     }
-    if modules_in_block is not None:
-        qcfg["block_name_to_quantize"] = block
-        qcfg["modules_in_block_to_quantize"] = modules_in_block
+    if plan.modules_in_block is not None:
+        qcfg["block_name_to_quantize"] = plan.block
+        qcfg["modules_in_block_to_quantize"] = plan.modules_in_block
     conf = model.config.to_dict()
     conf["quantization_config"] = qcfg
-    conf["dtype"] = str(dtype).replace("torch.", "")
+    conf["dtype"] = str(plan.storage_dtype).replace("torch.", "")
     conf.pop("torch_dtype", None)
     (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True, default=str) + "\n")
     (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
@@ -615,85 +685,8 @@ def _is_lin(m) -> bool:
     return is_quantizable(m)
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI: lm-eval-quant export
-# ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """`lm-eval-quant export --model_args pretrained=…,method=…,bits=… --output DIR`."""
-    ap = argparse.ArgumentParser(prog=_PROG, description="Quantize a model and write a GPTQ-format checkpoint.")
-    ap.add_argument("--model_args", "--model-args", dest="model_args", required=True,
-                    help="pretrained=…,method=rtn|gptq|awq,bits=2|3|4|8,group_size=…,sym=… (+ method options)")
-    ap.add_argument("--output", "-o", required=True, help="output folder (created)")
-    ap.add_argument("--checkpoint_format", "--checkpoint-format", default="auto", choices=("auto", "gptq", "gptq_v2"))
-    ap.add_argument("--device", default=None, help="device for the model and the quantization (default cpu)")
-    ap.add_argument("--no-cache", action="store_true", help="do not use the quantized-weights cache")
-    ns = ap.parse_args(argv)
-    try:
-        from .args import resolve, split_model_args
+    """`lm-eval-quant export ...` (the command lives in :mod:`lm_eval_quant.export_cli`)."""
+    from .export_cli import main as _main
 
-        raw = split_model_args(ns.model_args, where=_PREFIX)
-        if not str(raw.get("pretrained") or "").strip():
-            raise QuantArgError(f"{_PREFIX}: --model_args needs pretrained=<model id or folder>")
-        if "method" not in raw:
-            raise QuantArgError(f"{_PREFIX}: --model_args needs method=rtn, gptq or awq")
-        raw.pop("save_quantized", None)
-        r = resolve(raw, where=_PREFIX, known_rest=EXPORT_KEYS, for_export=True)
-        cfg, method, args = r.cfg, r.method, dict(r.rest)
-        check_exportable(cfg)
-        out = Path(ns.output)
-        check_output(out)
-        from .models.hf_quant import check_paths_and_dtype, _meta_model
-
-        check_paths_and_dtype(args["pretrained"], args)
-        _conf, meta = _meta_model(args["pretrained"], args)
-        if meta is not None:  # the GPTQ layout fits every layer: said before the weights load
-            check_export_shapes(meta, cfg)
-            method.check_shapes(meta, cfg, ns.device or "cpu")
-        model, tok, report = _quantize(args, cfg, method, ns, r.wrapper)
-        save_quantized(model, cfg, out, report=report, tokenizer=tok, checkpoint_format=ns.checkpoint_format,
-                       source=args.get("pretrained"))
-    except QuantArgError as e:
-        print(f"lm-eval-quant: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{_PROG}: wrote {cfg.method} {cfg.bits}-bit g{cfg.group_size} GPTQ checkpoint to {out}")
-    return 0
-
-
-def _quantize(args: dict, cfg, method, ns, wrapper):
-    """Load the model (transformers), quantize it (through the cache), return (model, tok, report)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import cache as qcache
-    from .methods.base import QuantContext
-
-    pretrained = args.pop("pretrained")
-    revision = args.pop("revision", None)
-    from .args import parse_bool
-
-    dtype_s = args.pop("dtype", args.pop("torch_dtype", "auto"))
-    cache_on = wrapper.cache and not ns.no_cache
-    cache_dir = wrapper.cache_dir
-    trust = parse_bool("trust_remote_code", args.pop("trust_remote_code", False))
-    for k in ("batch_size", "max_length", "device", "parallelize"):
-        args.pop(k, None)
-    dtype = dtype_s if dtype_s == "auto" else getattr(torch, str(dtype_s).replace("torch.", ""), None)
-    if dtype is None:
-        raise QuantArgError(f"{_PREFIX}: unknown dtype {dtype_s!r}")
-    kw = dict(revision=revision, dtype=dtype, trust_remote_code=trust)
-    tok = AutoTokenizer.from_pretrained(pretrained, revision=revision, trust_remote_code=trust)
-    model = AutoModelForCausalLM.from_pretrained(pretrained, **kw)
-    model.eval()
-    device = ns.device or "cpu"
-    model.to(device)
-    ctx = QuantContext(tokenizer=tok, device=device, seed=0, progress=True, model_id=pretrained)
-    ident = qcache.model_identity(pretrained, revision, model, cache_dir=cache_dir)
-    report, _hit = qcache.load_or_quantize(
-        model, cfg, ident, lambda: method.quantize(model, cfg, ctx),
-        cache_dir=cache_dir, enabled=cache_on, calib=qcache.calibration_identity(cfg, tok))
-    model.to("cpu")
-    return model, tok, report
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(sys.argv[1:]))
+    return _main(argv)

@@ -405,7 +405,9 @@ def test_gpt2_conv1d_export_decodes(tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         qw, qz, sc, gi = (f.get_tensor(f"{name}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx"))
         keys = set(f.keys())
-    assert f"{name}.weight" not in keys and "lm_head.weight" in keys and f"{name}.bias" in keys
+    assert f"{name}.weight" not in keys and f"{name}.bias" in keys
+    # issue 15: the tied output head is the embedding, written once
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys
     assert qw.shape == (64 * 4 // 32, 192) and sc.shape == (2, 192)
     W = _decode(out, name, 4)                                           # [in, out]
     assert torch.equal(W, m.transformer.h[0].attn.c_attn.weight.data)   # Conv1D weight is [in, out]

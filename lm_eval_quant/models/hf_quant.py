@@ -27,6 +27,7 @@ from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
 
 from .. import __version__, prequant
+from ..accounting import checkpoint_dtype  # noqa: F401  (re-exported: hf_quant.checkpoint_dtype)
 from ..errors import QuantArgError
 from ..args import CORE_KEYS, WRAPPER_KEYS, argv_model_args, resolve, split_model_args, unknown_key_error
 from ..methods import QuantContext, QuantReport
@@ -295,24 +296,6 @@ def _precheck_act_shapes(pretrained: str, cfg, act, trust_remote_code: bool, rev
     check_act_shapes(quantizable_linears(meta, cfg.skip), act)
 
 
-def checkpoint_dtype(model) -> str | None:
-    """The dtype the checkpoint stores its weights in (its config.json ``dtype``/``torch_dtype``),
-    read from the file when the model came from a local folder, as transformers may rewrite the
-    in-memory config with the dtype it loaded in. None when unknown."""
-    from ..accounting import as_dtype
-
-    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if path and os.path.isfile(os.path.join(str(path), "config.json")):
-        try:
-            with open(os.path.join(str(path), "config.json"), encoding="utf-8") as fh:
-                conf = json.load(fh)
-            d = as_dtype(conf.get("dtype") or conf.get("torch_dtype"))
-            return None if d is None else str(d).replace("torch.", "")
-        except (OSError, ValueError):
-            return None
-    return None
-
-
 _CPU_HALF_WARNED = False
 
 
@@ -494,9 +477,11 @@ class HFQuantLM(HFLM):
         load = getattr(self, "_lmq_load", {}) if model_id is not None else {}
         identity = cache_mod.model_identity(model_id, revision, model=model, cache_dir=cache_dir, **load)
         calib = cache_mod.calibration_identity(cfg, ctx.tokenizer)
+        qcfg, forced = cache_mod.keep_state_config(cfg, method)  # codes for the entry and for export
         report, _hit = cache_mod.load_or_quantize(
-            model, cfg, identity, lambda: method.quantize(model, cfg, ctx),
-            cache_dir=cache_dir, enabled=True, calib=calib,
+            model, cfg, identity, lambda: method.quantize(model, qcfg, ctx),
+            cache_dir=cache_dir, enabled=True, calib=calib, storage_dtype=checkpoint_dtype(model),
+            drop_qstate=forced,
         )
         return report
 

@@ -86,7 +86,8 @@ class HFQuantVLLM(LM):
     def _setup(self, pretrained, **kwargs) -> None:
         import torch
 
-        from ..export import _quantize, check_exportable, save_quantized
+        from ..export import check_exportable, save_quantized
+        from ..export_cli import _quantize
         from ..args import resolve
 
         if not pretrained:
