@@ -4,9 +4,18 @@
 
 Toys and random weights could not show that our GPTQ lost to RTN on this model (the attention-sink
 token dominated the down_proj Hessians); these tests pin the orderings on the real thing:
-fp < GPTQ-4 < RTN-4 and GPTQ-3 < RTN-3 (GPTQ with ``act_order=true``, which is what pays off on
-this model: bench/README.md), AWQ-3 far below RTN-3, with a small calibration (C4 subset, 8 × 512
-tokens, seed 0) and the ``wikitext2_gptq`` protocol on the first 2 windows of 2048 tokens.
+fp < GPTQ-4 < RTN-4 and GPTQ-3 well below RTN-3 (GPTQ with ``act_order=true``, which is what pays off
+on this model: bench/README.md), AWQ-3 far below RTN-3, with a small calibration (C4 subset, seed 0:
+16 × 512 tokens for GPTQ, 8 × 512 for AWQ) and the ``wikitext2_gptq`` protocol on the first 2 windows
+of 2048 tokens.
+
+Why 16 × 512 for GPTQ: 3-bit GPTQ is chaotic -- the rounding of one column moves every later column
+through the error feedback, so a last-bit difference in H (another BLAS thread count, another CPU)
+changes ~70% of the codes.  The per-layer losses stay within ~1% of each other, but the end-to-end
+perplexity of such equally good solutions spread widely with 8 × 512 calibration tokens (GPTQ-3 58.2 with
+2 torch threads, 68.9 with 1, against RTN-3 66.8; a CI machine measured 66.7): 4,096 tokens under-determine
+the 1,536-wide down_proj Hessians.  With 16 × 512 the spread over calibration seeds 0/1/2 is
+50.7 / 53.1 / 52.0 (8 windows: 52.4 / 52.0 / 53.7 against RTN-3 65.5).
 Caveat: the model's weights come from a 4-bit GGUF (Q4 blocks of 32), which flatters RTN-4 at
 groups that are multiples of 32; 3-bit figures are not flattered.
 """
@@ -74,7 +83,7 @@ def ladder(smol):
     for meth, bits, opts in runs:
         model.load_state_dict(state)
         if meth != "rtn":
-            opts = dict(opts, calib="c4", nsamples=8, seqlen=512)
+            opts = dict(opts, calib="c4", nsamples=16 if meth == "gptq" else 8, seqlen=512)
         cfg = build_config(method=meth, bits=bits, group_size=64, sym=False, **opts)
         get_method(meth).quantize(model, cfg, QuantContext(tokenizer=tok, progress=False))
         res[f"{meth}{bits}"] = _ppl(model, ids)
@@ -87,8 +96,9 @@ def ladder(smol):
 def test_gptq_beats_rtn_on_a_real_llm(ladder):
     r = ladder
     assert r["fp"] < r["gptq4"] < r["rtn4"], r
-    # measured (8x512 calibration, 2 windows): fp 18.84, rtn4 25.11, gptq4 23.22, rtn3 66.83, gptq3 59.66
-    assert r["gptq3"] < 0.95 * r["rtn3"], r
+    # measured (16x512 calibration, 2 windows, seeds 0/1/2): fp 18.84, rtn4 25.11, rtn3 66.83,
+    # gptq3 50.70 / 53.08 / 52.01 (0.76-0.79x RTN-3); the bound leaves room for the chaos above
+    assert r["gptq3"] < 0.88 * r["rtn3"], r
 
 
 @needs
