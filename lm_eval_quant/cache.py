@@ -334,13 +334,10 @@ def _jsonable(v: Any) -> Any:
         return [_jsonable(x) for x in v]
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items()}
-    try:
-        import torch
+    import torch
 
-        if isinstance(v, torch.Tensor):
-            return v.item() if v.numel() == 1 else f"<tensor {tuple(v.shape)}>"
-    except Exception:  # pragma: no cover
-        pass
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else f"<tensor {tuple(v.shape)}>"
     return str(v)
 
 

@@ -22,11 +22,6 @@ from .collect import _fmt_bits
 from .table import Row, Table
 
 
-def _series_key(row: Row):
-    r = row.run
-    return (r.method, r.format, r.bits, r.group_size)
-
-
 def series_label(row: Row) -> str:
     r = row.run
     if r.method == "none":

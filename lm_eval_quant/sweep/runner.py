@@ -64,9 +64,6 @@ class SweepResult:
     def ok(self) -> bool:
         return not self.failed
 
-    def results_paths(self) -> list[Path]:
-        return [Path(c.results_path) for c in self.finished if c.results_path]
-
     def table(self) -> str:
         rows = [("cell", "status", "seconds", "error / results")]
         for c in self.cells:
