@@ -40,6 +40,25 @@ def tiny_llama(toy_root) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama64_dir(tmp_path_factory) -> Path:
+    """Random-init Llama, hidden 64, 2 layers, saved in float32 (the export and cache tests)."""
+    from lm_eval_quant.toy import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("llama64") / "llama", arch="llama", hidden=64, layers=2,
+                           heads=4, intermediate=128, train_steps=0, seed=0)
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    """A seeded toy text corpus for calibration (20,000 characters)."""
+    from lm_eval_quant.toy import make_corpus
+
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(make_corpus(20_000, seed=3))
+    return p
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(toy_root) -> Path:
     return cached_tiny_model(toy_root, arch="gpt2", hidden=64, layers=2, heads=4, intermediate=128)
 

@@ -18,23 +18,6 @@ from lm_eval_quant.methods import build_config, get_method  # noqa: E402
 from lm_eval_quant.methods.base import QuantContext  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from lm_eval_quant.toy import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("compact") / "llama", arch="llama", hidden=64, layers=2,
-                           heads=4, intermediate=128, train_steps=0, seed=0)
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    from lm_eval_quant.toy import make_corpus
-
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(make_corpus(20_000, seed=3))
-    return p
-
-
 def _load(d, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -44,12 +27,12 @@ def _load(d, dtype=torch.float32):
 IDS = torch.arange(3, 40).view(1, -1)
 
 
-def _quant(model_dir, cache_dir, cfg, keep=True, storage_dtype=None, fail=False):
+def _quant(llama64_dir, cache_dir, cfg, keep=True, storage_dtype=None, fail=False):
     """Quantize through the cache the way hf-quant does (keep_state_config + drop_qstate)."""
     from transformers import AutoTokenizer
 
-    m = _load(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    m = _load(llama64_dir)
+    tok = AutoTokenizer.from_pretrained(llama64_dir)
     method = get_method(cfg.method)
     qcfg, forced = qc.keep_state_config(cfg, method) if keep else (cfg, False)
 
@@ -58,7 +41,7 @@ def _quant(model_dir, cache_dir, cfg, keep=True, storage_dtype=None, fail=False)
             pytest.fail("quantized again on a hit")
         return method.quantize(m, qcfg, QuantContext(tokenizer=tok, progress=False))
 
-    rep, hit = qc.load_or_quantize(m, cfg, qc.model_identity(str(model_dir), cache_dir=cache_dir), fn,
+    rep, hit = qc.load_or_quantize(m, cfg, qc.model_identity(str(llama64_dir), cache_dir=cache_dir), fn,
                                    cache_dir=cache_dir, storage_dtype=storage_dtype, drop_qstate=forced,
                                    calib=qc.calibration_identity(cfg, tok))
     return m, rep, hit
@@ -83,9 +66,9 @@ def _cfg(kind, calib_file):
 
 
 @pytest.mark.parametrize("kind", ["rtn", "rtn3sym", "gptq_act_order", "awq"])
-def test_entry_is_compact_and_hit_is_bit_identical(model_dir, calib_file, tmp_path, kind):
+def test_entry_is_compact_and_hit_is_bit_identical(llama64_dir, calib_file, tmp_path, kind):
     cfg = _cfg(kind, calib_file)
-    m1, rep1, hit1 = _quant(model_dir, tmp_path, cfg)
+    m1, rep1, hit1 = _quant(llama64_dir, tmp_path, cfg)
     assert hit1 is False and rep1.extra["cache"]["stored"] is True
     assert "qstate" not in rep1.extra  # kept for the cache only: the report is as without the cache
     size, man = _entry_bytes(tmp_path)
@@ -104,7 +87,7 @@ def test_entry_is_compact_and_hit_is_bit_identical(model_dir, calib_file, tmp_pa
     old = sum(dict(m1.named_parameters())[n].numel() * 4 for n in rep1.modified)  # fp32 weights
     assert size < old / 3
     # hit: quantize is not called, weights and logits are bit-identical to the miss
-    m2, rep2, hit2 = _quant(model_dir, tmp_path, cfg, fail=True)
+    m2, rep2, hit2 = _quant(llama64_dir, tmp_path, cfg, fail=True)
     assert hit2 is True and rep2.modified == rep1.modified and "qstate" not in rep2.extra
     p1, p2 = dict(m1.named_parameters()), dict(m2.named_parameters())
     for n in rep1.modified:
@@ -129,15 +112,15 @@ def test_conv1d_entry_is_compact(tmp_path):
         assert qc._bits_equal(m1.get_parameter(n).detach(), m2.get_parameter(n).detach()), n
 
 
-def test_kept_qstate_comes_back_on_a_hit(model_dir, calib_file, tmp_path):
+def test_kept_qstate_comes_back_on_a_hit(llama64_dir, calib_file, tmp_path):
     """A caller that asks for keep_qstate gets the method's state back on a hit, codes included,
     from an entry written by a run that did not ask (the key ignores keep_qstate)."""
     cfg = _cfg("gptq_act_order", calib_file)
-    _quant(model_dir, tmp_path, cfg)
+    _quant(llama64_dir, tmp_path, cfg)
     kcfg = build_config(method="gptq", bits=4, group_size=32, act_order=True, calib=str(calib_file),
                         nsamples=4, seqlen=32, keep_qstate=True)
-    m_ref, rep_ref, _ = _quant(model_dir, tmp_path / "fresh", kcfg)
-    m, rep, hit = _quant(model_dir, tmp_path, kcfg, fail=True)
+    m_ref, rep_ref, _ = _quant(llama64_dir, tmp_path / "fresh", kcfg)
+    m, rep, hit = _quant(llama64_dir, tmp_path, kcfg, fail=True)
     assert hit
     a, b = rep_ref.extra["qstate"], rep.extra["qstate"]
     assert a.keys() == b.keys()
@@ -146,11 +129,11 @@ def test_kept_qstate_comes_back_on_a_hit(model_dir, calib_file, tmp_path):
             assert a[lin][k].dtype == b[lin][k].dtype and torch.equal(a[lin][k], b[lin][k]), (lin, k)
 
 
-def test_unquantized_tensors_at_storage_dtype(model_dir, tmp_path):
+def test_unquantized_tensors_at_storage_dtype(llama64_dir, tmp_path):
     """A tensor that is not stored as codes is kept at the checkpoint's dtype when that loses
     nothing (here: a modified norm weight that is fp16-exact), else at the compute dtype."""
     cfg = build_config(method="rtn", bits=4, group_size=32)
-    m = _load(model_dir)
+    m = _load(llama64_dir)
 
     def fn():
         rep = get_method("rtn").quantize(m, cfg, QuantContext(progress=False))
@@ -160,14 +143,14 @@ def test_unquantized_tensors_at_storage_dtype(model_dir, tmp_path):
         rep.modified += ["model.norm.weight", "model.layers.0.input_layernorm.weight"]
         return rep
 
-    ident = qc.model_identity(str(model_dir), cache_dir=tmp_path)
+    ident = qc.model_identity(str(llama64_dir), cache_dir=tmp_path)
     qc.load_or_quantize(m, cfg, ident, fn, cache_dir=tmp_path, storage_dtype="float16")
     _, man = _entry_bytes(tmp_path)
     lay = man["report"]["layout"]
     assert lay["model.norm.weight"]["enc"] == "cast"
     assert man["stored"][lay["model.norm.weight"]["key"]]["dtype"] == "float16"
     assert lay["model.layers.0.input_layernorm.weight"]["enc"] == "dense"
-    m2 = _load(model_dir)
+    m2 = _load(llama64_dir)
     rep2, hit = qc.load_or_quantize(m2, cfg, ident, lambda: pytest.fail("again"), cache_dir=tmp_path,
                                     storage_dtype="float16")
     assert hit
@@ -175,11 +158,11 @@ def test_unquantized_tensors_at_storage_dtype(model_dir, tmp_path):
         assert qc._bits_equal(dict(m.named_parameters())[n].detach(), dict(m2.named_parameters())[n].detach()), n
 
 
-def test_corrupt_layout_is_discarded(model_dir, tmp_path):
+def test_corrupt_layout_is_discarded(llama64_dir, tmp_path):
     """A layout naming a tensor the file lacks (manifest re-checksummed) is corrupt: one warning,
     recomputed."""
     cfg = build_config(method="rtn", bits=4, group_size=32)
-    _quant(model_dir, tmp_path, cfg)
+    _quant(llama64_dir, tmp_path, cfg)
     (e,) = list((tmp_path / "entries").iterdir())
     man = json.loads((e / "manifest.json").read_text())
     first = sorted(man["report"]["layout"])[0]
@@ -187,34 +170,34 @@ def test_corrupt_layout_is_discarded(model_dir, tmp_path):
     man["manifest_checksum"] = qc.manifest_checksum(man)
     (e / "manifest.json").write_text(json.dumps(man))
     with pytest.warns(RuntimeWarning, match="corrupt"):
-        assert _quant(model_dir, tmp_path, cfg)[2] is False
-    assert _quant(model_dir, tmp_path, cfg, fail=True)[2] is True
+        assert _quant(llama64_dir, tmp_path, cfg)[2] is False
+    assert _quant(llama64_dir, tmp_path, cfg, fail=True)[2] is True
 
 
 # ------------------------------------------------------------------------------------------------
 # size cap and the `cache` subcommand
 # ------------------------------------------------------------------------------------------------
-def _fill(model_dir, cache_dir, n):
+def _fill(llama64_dir, cache_dir, n):
     keys = []
     for i in range(n):
         cfg = build_config(method="rtn", bits=[2, 3, 4, 8][i], group_size=32)
-        _, rep, _ = _quant(model_dir, cache_dir, cfg)
+        _, rep, _ = _quant(llama64_dir, cache_dir, cfg)
         keys.append(rep.extra["cache"]["key"])
         # distinct, increasing last-use times
         os.utime(cache_dir / "entries" / keys[-1] / "manifest.json", (time.time() - 86400 * (10 - i),) * 2)
     return keys
 
 
-def test_size_cap_evicts_least_recently_used(model_dir, tmp_path, monkeypatch, capsys):
+def test_size_cap_evicts_least_recently_used(llama64_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(qc.MAX_GB_ENV, "0")  # no cap while filling
-    keys = _fill(model_dir, tmp_path, 3)
+    keys = _fill(llama64_dir, tmp_path, 3)
     sizes = {e["key"]: e["size"] for e in qc.QuantCache(tmp_path).entries()}
     # a hit refreshes the first entry's last use: now the second is the oldest
-    assert _quant(model_dir, tmp_path, build_config(method="rtn", bits=2, group_size=32), fail=True)[2]
+    assert _quant(llama64_dir, tmp_path, build_config(method="rtn", bits=2, group_size=32), fail=True)[2]
     cap = sizes[keys[0]] + sizes[keys[2]] + 1 + max(sizes.values())  # room for two old ones + the new
     monkeypatch.setenv(qc.MAX_GB_ENV, str(cap / 1e9))
     capsys.readouterr()
-    _, rep, _ = _quant(model_dir, tmp_path, build_config(method="rtn", bits=4, group_size=64))
+    _, rep, _ = _quant(llama64_dir, tmp_path, build_config(method="rtn", bits=4, group_size=64))
     left = {e["key"] for e in qc.QuantCache(tmp_path).entries()}
     assert keys[1] not in left and {keys[0], keys[2], rep.extra["cache"]["key"]} <= left
     err = [ln for ln in capsys.readouterr().err.splitlines() if "least recently used" in ln]
@@ -230,11 +213,11 @@ def test_max_cache_bytes_env(monkeypatch):
     assert qc.max_cache_bytes() is None
 
 
-def test_cli_list_size_clean(model_dir, tmp_path, monkeypatch, capsys):
+def test_cli_list_size_clean(llama64_dir, tmp_path, monkeypatch, capsys):
     from lm_eval_quant.cache_cli import main
 
     monkeypatch.setenv(qc.MAX_GB_ENV, "0")
-    keys = _fill(model_dir, tmp_path, 3)
+    keys = _fill(llama64_dir, tmp_path, 3)
     sizes = {e["key"]: e["size"] for e in qc.QuantCache(tmp_path).entries()}
     assert main(["list", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -248,7 +231,7 @@ def test_cli_list_size_clean(model_dir, tmp_path, monkeypatch, capsys):
     assert main(["clean", "--older-than", "8.5", "--cache-dir", str(tmp_path)]) == 0
     assert {e["key"] for e in qc.QuantCache(tmp_path).entries()} == {keys[2]}
     assert "removed 2" in capsys.readouterr().out
-    keys = _fill(model_dir, tmp_path, 3)  # the 2 removed come back, all older than keys[2]'s new use
+    keys = _fill(llama64_dir, tmp_path, 3)  # the 2 removed come back, all older than keys[2]'s new use
     # --max-size: least recently used first
     cap = (sizes[keys[2]] + 1) / 1e9
     assert main(["clean", "--max-size", f"{cap:.12f}", "--cache-dir", str(tmp_path)]) == 0

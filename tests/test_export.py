@@ -38,23 +38,6 @@ from lm_eval_quant.methods.base import QuantContext  # noqa: E402
 # ------------------------------------------------------------------------------------------------
 # fixtures
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    from lm_eval_quant.toy import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("exp") / "llama", arch="llama", hidden=64, layers=2,
-                           heads=4, intermediate=128, train_steps=0, seed=0)
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    from lm_eval_quant.toy import make_corpus
-
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(make_corpus(20_000, seed=3))
-    return p
-
-
 def _load(path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -254,13 +237,13 @@ def test_cli_refuses_before_loading(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_act_order_without_qstate_refused(llama_dir, calib_file, tmp_path):
-    m = _load(llama_dir)
+def test_act_order_without_qstate_refused(llama64_dir, calib_file, tmp_path):
+    m = _load(llama64_dir)
     cfg = build_config(method="gptq", bits=4, group_size=32, act_order=True, keep_qstate=False,
                        calib=str(calib_file), nsamples=4, seqlen=32)
     from transformers import AutoTokenizer
 
-    rep = get_method("gptq").quantize(m, cfg, QuantContext(tokenizer=AutoTokenizer.from_pretrained(llama_dir),
+    rep = get_method("gptq").quantize(m, cfg, QuantContext(tokenizer=AutoTokenizer.from_pretrained(llama64_dir),
                                                            progress=False))
     with pytest.raises(QuantArgError, match="keep_qstate=true"):
         save_quantized(m, cfg, tmp_path / "o", report=rep, progress=False)
@@ -270,8 +253,8 @@ def test_act_order_without_qstate_refused(llama_dir, calib_file, tmp_path):
 # round trips through transformers + GPTQModel
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits,sym,gs", [(4, False, 32), (8, True, -1), (3, False, 32), (2, True, 32)])
-def test_rtn_export_reload_logits(llama_dir, tmp_path, bits, sym, gs):
-    m = _load(llama_dir)
+def test_rtn_export_reload_logits(llama64_dir, tmp_path, bits, sym, gs):
+    m = _load(llama64_dir)
     cfg, rep = _rtn(m, bits=bits, group_size=gs, sym=sym)
     ref = _logits(m)
     out = save_quantized(m, cfg, tmp_path / "q", report=rep, progress=False)
@@ -287,10 +270,10 @@ def test_rtn_export_reload_logits(llama_dir, tmp_path, bits, sym, gs):
     assert _rel(_logits(q), ref) < 1e-3
 
 
-def test_zero_point_zero_uses_gptq_v2(llama_dir, tmp_path):
+def test_zero_point_zero_uses_gptq_v2(llama64_dir, tmp_path):
     """A group with only non-negative weights has zero point 0, which v1 (stores zero−1) cannot
     hold: auto writes gptq_v2 and GPTQModel reads it back exactly; forcing v1 is refused."""
-    m = _load(llama_dir)
+    m = _load(llama64_dir)
     with torch.no_grad():
         m.model.layers[0].mlp.up_proj.weight[:, :32].abs_()
     cfg, rep = _rtn(m, bits=4, group_size=32)
@@ -303,8 +286,8 @@ def test_zero_point_zero_uses_gptq_v2(llama_dir, tmp_path):
     assert _rel(_logits(q), ref) < 1e-3
 
 
-def test_auto_kernel_reload(llama_dir, tmp_path):
-    m = _load(llama_dir)
+def test_auto_kernel_reload(llama64_dir, tmp_path):
+    m = _load(llama64_dir)
     cfg, rep = _rtn(m, bits=4, group_size=32)
     ref = _logits(m)
     out = save_quantized(m, cfg, tmp_path / "q", report=rep, progress=False)
@@ -315,14 +298,14 @@ def test_auto_kernel_reload(llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("bits,sym", [(4, False), (3, True)])
-def test_gptq_act_order_export_reload(llama_dir, calib_file, tmp_path, bits, sym):
+def test_gptq_act_order_export_reload(llama64_dir, calib_file, tmp_path, bits, sym):
     """GPTQ with act_order: non-trivial g_idx, taken from the method's kept integer state."""
     from transformers import AutoTokenizer
 
-    m = _load(llama_dir)
+    m = _load(llama64_dir)
     cfg = build_config(method="gptq", bits=bits, group_size=32, sym=sym, act_order=True, keep_qstate=True,
                        calib=str(calib_file), nsamples=4, seqlen=32)
-    rep = get_method("gptq").quantize(m, cfg, QuantContext(tokenizer=AutoTokenizer.from_pretrained(llama_dir),
+    rep = get_method("gptq").quantize(m, cfg, QuantContext(tokenizer=AutoTokenizer.from_pretrained(llama64_dir),
                                                            progress=False))
     ref = _logits(m)
     out = save_quantized(m, cfg, tmp_path / "q", report=rep, progress=False)
@@ -340,14 +323,14 @@ def test_gptq_act_order_export_reload(llama_dir, calib_file, tmp_path, bits, sym
     assert _rel(_logits(q), ref) < 1e-3
 
 
-def test_awq_export_reload(llama_dir, calib_file, tmp_path):
+def test_awq_export_reload(llama64_dir, calib_file, tmp_path):
     """AWQ folds its scales into the norms (saved as ordinary tensors) and leaves the linears on
     the int grid: the checkpoint computes the same function."""
     from transformers import AutoTokenizer
 
-    m = _load(llama_dir)
+    m = _load(llama64_dir)
     cfg = build_config(method="awq", bits=4, group_size=32, calib=str(calib_file), nsamples=4, seqlen=32)
-    rep = get_method("awq").quantize(m, cfg, QuantContext(tokenizer=AutoTokenizer.from_pretrained(llama_dir),
+    rep = get_method("awq").quantize(m, cfg, QuantContext(tokenizer=AutoTokenizer.from_pretrained(llama64_dir),
                                                            progress=False))
     assert any("layernorm" in n for n in rep.modified)
     ref = _logits(m)
@@ -369,15 +352,15 @@ def _decode(out, name, bits):
     return (codes.float() - zeros[gi.long()].float()) * sc[gi.long()].float()
 
 
-def test_gptq_recovered_state_matches_kept_state(llama_dir, calib_file, tmp_path):
+def test_gptq_recovered_state_matches_kept_state(llama64_dir, calib_file, tmp_path):
     """Without act_order, the state recovered from ŵ decodes to the same weights as GPTQ's own
     kept state (codes/zeros may differ only where a group leaves the zero point free)."""
     from transformers import AutoTokenizer
 
-    m = _load(llama_dir)
+    m = _load(llama64_dir)
     cfg = build_config(method="gptq", bits=4, group_size=32, keep_qstate=True, calib=str(calib_file),
                        nsamples=4, seqlen=32)
-    rep = get_method("gptq").quantize(m, cfg, QuantContext(tokenizer=AutoTokenizer.from_pretrained(llama_dir),
+    rep = get_method("gptq").quantize(m, cfg, QuantContext(tokenizer=AutoTokenizer.from_pretrained(llama64_dir),
                                                            progress=False))
     kept = save_quantized(m, cfg, tmp_path / "kept", report=rep, progress=False)
     rep.extra.pop("qstate")
@@ -413,25 +396,25 @@ def test_gpt2_conv1d_export_decodes(tmp_path):
     assert torch.equal(W, m.transformer.h[0].attn.c_attn.weight.data)   # Conv1D weight is [in, out]
 
 
-def test_cli_export_end_to_end(llama_dir, tmp_path, monkeypatch):
+def test_cli_export_end_to_end(llama64_dir, tmp_path, monkeypatch):
     from lm_eval_quant.export import main
 
     monkeypatch.setenv("LMQ_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    rc = main(["--model_args", f"pretrained={llama_dir},method=rtn,bits=4,group_size=32,sym=true",
+    rc = main(["--model_args", f"pretrained={llama64_dir},method=rtn,bits=4,group_size=32,sym=true",
                "--output", str(out)])
     assert rc == 0
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["sym"] is True and qc["meta"]["lm_eval_quant"]["quant_config"]["method"] == "rtn"
     # the reference: same RTN in memory
-    m = _load(llama_dir)
+    m = _load(llama64_dir)
     _rtn(m, bits=4, group_size=32, sym=True)
     q = _gptq_reload(out, 4)
     assert _rel(_logits(q), _logits(m)) < 1e-3
     # a second export is a cache hit and writes the same tensors
     out2 = tmp_path / "out2"
-    assert main(["--model_args", f"pretrained={llama_dir},method=rtn,bits=4,group_size=32,sym=true",
+    assert main(["--model_args", f"pretrained={llama64_dir},method=rtn,bits=4,group_size=32,sym=true",
                  "--output", str(out2)]) == 0
     from safetensors.torch import load_file
 
@@ -439,7 +422,7 @@ def test_cli_export_end_to_end(llama_dir, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_save_quantized_model_arg(llama_dir, tmp_path):
+def test_save_quantized_model_arg(llama64_dir, tmp_path):
     """`save_quantized=PATH` in hf-quant's model_args writes the checkpoint during model creation."""
     import lm_eval_quant
 
@@ -447,7 +430,7 @@ def test_save_quantized_model_arg(llama_dir, tmp_path):
     from lm_eval_quant.models.hf_quant import HFQuantLM
 
     out = tmp_path / "saved"
-    lm = HFQuantLM(pretrained=str(llama_dir), device="cpu", batch_size=1, method="rtn", bits=8, group_size=64,
+    lm = HFQuantLM(pretrained=str(llama64_dir), device="cpu", batch_size=1, method="rtn", bits=8, group_size=64,
                    cache=False, save_quantized=str(out))
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["bits"] == 8 and qc["group_size"] == 64
@@ -456,25 +439,25 @@ def test_save_quantized_model_arg(llama_dir, tmp_path):
     assert (out / "tokenizer.json").exists()
 
 
-def test_refuses_to_overwrite_foreign_folder(llama_dir, tmp_path):
-    m = _load(llama_dir)
+def test_refuses_to_overwrite_foreign_folder(llama64_dir, tmp_path):
+    m = _load(llama64_dir)
     cfg, rep = _rtn(m, bits=4, group_size=32)
     with pytest.raises(QuantArgError, match="not an earlier lm-eval-quant export"):
-        save_quantized(m, cfg, llama_dir, report=rep, progress=False)       # the source model itself
-    assert (llama_dir / "model.safetensors").exists()
+        save_quantized(m, cfg, llama64_dir, report=rep, progress=False)       # the source model itself
+    assert (llama64_dir / "model.safetensors").exists()
     out = save_quantized(m, cfg, tmp_path / "q", report=rep, progress=False)
     save_quantized(m, cfg, out, report=rep, progress=False)                   # re-export: allowed
 
 
 @pytest.mark.parametrize("bits,sym,gs", [(4, False, 32), (3, True, 32)])
-def test_exported_bits_per_weight_equal_on_the_fly(llama_dir, tmp_path, bits, sym, gs):
+def test_exported_bits_per_weight_equal_on_the_fly(llama64_dir, tmp_path, bits, sym, gs):
     """One definition (README "Bit accounting"): the same weights count the same bits/weight and
     the same total on the fly and once exported; the file's extra g_idx (and sym's constant
     qzeros) are reported as layout overhead."""
     from lm_eval_quant import prequant
     from lm_eval_quant.accounting import account
 
-    m = _load(llama_dir)
+    m = _load(llama64_dir)
     cfg, rep = _rtn(m, bits=bits, group_size=gs, sym=sym)
     fly = account(m, cfg, rep.quantized)
     out = save_quantized(m, cfg, tmp_path / "q", report=rep, progress=False)

@@ -18,40 +18,23 @@ from lm_eval_quant.export_cli import main as export_main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    from lm_eval_quant.toy import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("expc") / "llama", arch="llama", hidden=64, layers=2,
-                           heads=4, intermediate=128, train_steps=0, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tied_fp16_dir(tmp_path_factory, llama_dir):
+def tied_fp16_dir(tmp_path_factory, llama64_dir):
     """The toy model with tie_word_embeddings=true, saved in float16 (one embedding tensor)."""
     from transformers import AutoModelForCausalLM
 
     d = tmp_path_factory.mktemp("tied") / "llama_tied_fp16"
-    m = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(llama64_dir, dtype=torch.float32)
     m.config.tie_word_embeddings = True
     m.lm_head.weight = m.model.embed_tokens.weight
     m.half().save_pretrained(d)
-    for f in os.listdir(llama_dir):
+    for f in os.listdir(llama64_dir):
         if f.startswith("tokenizer") or f == "special_tokens_map.json":
-            shutil.copy(llama_dir / f, d / f)
+            shutil.copy(llama64_dir / f, d / f)
     from safetensors import safe_open
 
     with safe_open(str(d / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
     return d
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    from lm_eval_quant.toy import make_corpus
-
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(make_corpus(20_000, seed=3))
-    return p
 
 
 def _tensors(out):
@@ -82,7 +65,7 @@ def _args(model_dir, kind, calib_file):
 
 
 @pytest.mark.parametrize("kind", ["rtn", "gptq_act_order", "awq"])
-def test_export_after_eval_reuses_the_cache(llama_dir, calib_file, tmp_path, monkeypatch, kind):
+def test_export_after_eval_reuses_the_cache(llama64_dir, calib_file, tmp_path, monkeypatch, kind):
     import lm_eval_quant
     from lm_eval_quant.args import split_model_args
     from lm_eval_quant.methods import get_method
@@ -92,7 +75,7 @@ def test_export_after_eval_reuses_the_cache(llama_dir, calib_file, tmp_path, mon
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("LMQ_CACHE_DIR", str(cache))
-    margs = _args(llama_dir, kind, calib_file) + ",dtype=float32"
+    margs = _args(llama64_dir, kind, calib_file) + ",dtype=float32"
     # the fresh export: no cache, the method runs
     assert export_main(["--model_args", margs, "--output", str(tmp_path / "fresh"), "--no-cache"]) == 0
     # an evaluation with the cache on (as `lm_eval --model hf-quant` builds it)
