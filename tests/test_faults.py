@@ -387,3 +387,56 @@ def test_truncated_results_are_not_committed(tmp_path):
         check_results_file(p)
     p.write_text('{"results": {"a": {"acc,none": 0.5}}, "config": {}}')
     check_results_file(p)
+
+
+def _no_space_open(real_open):
+    import errno
+
+    def fake(file, mode="r", *a, **kw):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, mode, *a, **kw)
+    return fake
+
+
+def test_no_space_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    import builtins
+
+    from lm_eval_quant.sweep import _io
+
+    p = tmp_path / "status.json"
+    p.write_text('{"old": true}')
+    monkeypatch.setattr(_io, "open", _no_space_open(builtins.open), raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        _io.atomic_write_text(p, '{"new": true}')
+    assert p.read_text() == '{"old": true}'
+    assert [q.name for q in tmp_path.iterdir()] == ["status.json"]
+
+
+def test_sweep_no_space_is_one_line_and_commits_nothing(tmp_path, monkeypatch, capsys):
+    """A full disk while the sweep writes its spec/status/log: exit 2, one line, no half-written file."""
+    import builtins
+
+    from lm_eval_quant.sweep import _io
+    from lm_eval_quant.sweep.cli import main
+
+    spec = {"name": "nospace", "models": [str(tmp_path / "m")], "methods": ["rtn"], "bits": [4],
+            "group_sizes": [32], "tasks": ["lmq_toy_mc"], "limit": 2, "device": "cpu"}
+    import yaml
+
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    monkeypatch.setattr(_io, "open", _no_space_open(builtins.open), raising=False)
+    import lm_eval_quant.sweep.runner as runner
+
+    monkeypatch.setattr(runner, "_check_models", lambda spec: None, raising=False)
+    monkeypatch.setattr(runner, "_check_tasks", lambda spec: None, raising=False)
+    rc = main([str(tmp_path / "spec.yaml"), "--out", str(out), "--launcher", "local", "--start", "spawn"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    errs = [ln for ln in err if ln.startswith(ERR)]
+    assert rc == 2 and len(errs) == 1 and "No space left" in errs[0], err
+    assert "Traceback" not in "\n".join(err)
+    left = [q.name for q in out.rglob("*") if q.is_file()]
+    assert not any(".tmp-" in n for n in left), left
+    for q in out.rglob("*.json"):
+        json.loads(q.read_text())          # whatever exists is whole
