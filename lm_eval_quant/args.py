@@ -277,25 +277,47 @@ def build_config(method: Any = None, bits: Any = None, group_size: Any = None, f
     Defaults: method rtn, bits 4, group_size 128, format the method's default, asymmetric.
     ``method=none`` or ``bits=16`` is the full-precision baseline through the same code path.
     """
-    from .methods import all_option_names, available_methods, get_method
-    from .methods.base import QuantConfig
-
-    from .formats.mx import canonical_block_format, check_block_args, is_block_kind
-    from .formats.mx import format_bits as block_format_bits
+    from .formats.mx import is_block_kind
+    from .methods import get_method
 
     mname = DEFAULT_METHOD if method is None else str(method).strip().lower()
     m = get_method(mname)
     # fp8 / MX / NVFP4 block formats fix their element width and block length
     block_fmt = format is not None and mname not in ("none", "bnb") and is_block_kind(str(format))
+    nbits = _parse_bits(mname, bits, format if block_fmt else None)
+    gs = _parse_group_size(mname, group_size, format if block_fmt and nbits != FULL_BITS else None, nbits, sym)
+    fmt = m.default_format if format is None else str(format).strip().lower()
+    sy = False if sym is None else parse_bool("sym", sym)
+    sk = parse_skip(skip)
+    opts = _parse_method_options(m, mname, options)
+    if nbits == FULL_BITS or mname == "none":
+        from .methods.base import QuantConfig
 
-    def _block_name(b):
-        try:
-            return canonical_block_format(str(format), b)
-        except ValueError as e:
-            raise QuantArgError(f"hf-quant: {e}") from None
+        return QuantConfig(method="none", bits=FULL_BITS, group_size=gs, format="none", sym=False, skip=sk)
+    return _method_config(m, mname, nbits, gs, fmt, sy, sk, opts, block_fmt)
+
+
+def _block_name(format: Any, bits: int | None) -> str:
+    """The canonical name of block format ``format`` at ``bits`` (None: its own width)."""
+    from .formats.mx import canonical_block_format
+
+    try:
+        return canonical_block_format(str(format), bits)
+    except ValueError as e:
+        raise QuantArgError(f"hf-quant: {e}") from None
+
+
+def _parse_bits(mname: str, bits: Any, block_format: Any) -> int:
+    """bits as an int: the default (16 for method none, a block format's own width), or the
+    given value, checked against the method and the allowed range."""
+    from .formats.mx import format_bits as block_format_bits
+    from .methods import available_methods
 
     if bits is None:
-        nbits = FULL_BITS if mname == "none" else (block_format_bits(_block_name(None)) if block_fmt else DEFAULT_BITS)
+        if mname == "none":
+            nbits = FULL_BITS
+        else:
+            nbits = block_format_bits(_block_name(block_format, None)) if block_format is not None else DEFAULT_BITS
     else:
         nbits = parse_int("bits", bits)
     if mname == "none" and nbits != FULL_BITS:
@@ -309,16 +331,29 @@ def build_config(method: Any = None, bits: Any = None, group_size: Any = None, f
             f"hf-quant: bits must be an integer from {MIN_BITS} to {MAX_BITS} (or {FULL_BITS} for full "
             f"precision), got bits={bits}"
         )
+    return nbits
+
+
+def _parse_group_size(mname: str, group_size: Any, block_format: Any, nbits: int, sym: Any) -> int:
+    """group_size as an int (default 128; -1 = per output channel); a quantizing block format
+    (``block_format`` given) fixes or checks it (MX 32, NVFP4 16, fp8 any)."""
+    from .formats.mx import check_block_args
+
     gs = DEFAULT_GROUP_SIZE if group_size is None else parse_int("group_size", group_size)
-    if block_fmt and nbits != FULL_BITS:  # the block is the format's (MX 32, NVFP4 16, fp8 any)
-        gs = check_block_args(_block_name(nbits), None if group_size is None else gs, sym is not None, mname)
+    if block_format is not None:
+        gs = check_block_args(_block_name(block_format, nbits), None if group_size is None else gs,
+                              sym is not None, mname)
     if gs != -1 and gs <= 0:
         raise QuantArgError(
             f"hf-quant: group_size must be -1 (per output channel) or a positive integer, got {group_size}"
         )
-    fmt = m.default_format if format is None else str(format).strip().lower()
-    sy = False if sym is None else parse_bool("sym", sym)
-    sk = parse_skip(skip)
+    return gs
+
+
+def _parse_method_options(m, mname: str, options: dict) -> dict[str, Any]:
+    """The method's declared options, typed and range-checked, defaults filled in; a key another
+    method declares, or no method, is a one-line error."""
+    from .methods import all_option_names
 
     declared = options_of(m)
     opts: dict[str, Any] = {}
@@ -335,9 +370,14 @@ def build_config(method: Any = None, bits: Any = None, group_size: Any = None, f
             raise unknown_key_error("hf-quant", k, v, list(CORE_KEYS) + list(declared), f" for method={mname}")
     for k, o in declared.items():
         opts.setdefault(k, o.default)
+    return opts
 
-    if nbits == FULL_BITS or mname == "none":
-        return QuantConfig(method="none", bits=FULL_BITS, group_size=gs, format="none", sym=False, skip=sk)
+
+def _method_config(m, mname: str, nbits: int, gs: int, fmt: str, sy: bool, sk, opts: dict, block_fmt: bool):
+    """The QuantConfig of a quantizing run: format and sym checked against each other and the
+    method, then the method's own validation and finalisation."""
+    from .methods.base import QuantConfig
+
     if block_fmt:
         sy = True  # block formats are symmetric (sign-magnitude) by construction
     elif isinstance(fmt, str):

@@ -345,19 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.time()
     try:
-        sizes = [s.upper() for s in _parse_list(args.sizes, "sizes")]
-        bad = [s for s in sizes if s not in SIZES]
-        if bad or not sizes:
-            raise QuantArgError(f"demo: --sizes {args.sizes!r}: choose from {', '.join(SIZES)}")
-        bits = _parse_list(args.bits, "bits", int)
-        badb = [b for b in bits if b != 16 and not 2 <= b <= 8]
-        if badb or not bits:
-            raise QuantArgError(f"demo: --bits {args.bits!r}: use 16 (unquantized) and/or 2..8")
-        wanted = [m.lower() for m in _parse_list(args.methods, "methods")]
-        if args.items < 3:
-            raise QuantArgError("demo: --items must be at least 3")
-        if args.train_scale <= 0:
-            raise QuantArgError("demo: --train-scale must be positive")
+        sizes, bits, wanted = _check_args(args)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -379,22 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         t_sweep = time.time()
         res = run_sweep(spec, out / "sweep", launcher="local", progress=progress)
         t_sweep = time.time() - t_sweep
-        cells = res.cells
-        failed = [c for c in cells if c.status == "failed"]
 
-        from lm_eval_quant.report import budget_answer, make_report
-        from lm_eval_quant.report.table import to_markdown
+        from lm_eval_quant.report import make_report
 
         # default budget: the unquantized middle-sized model's memory ("what fits on our GPU")
-        budget = args.budget_gb
-        if budget is None:
-            from lm_eval_quant.report import build_table, collect
-
-            base = sorted((r for r in build_table(collect([out / "sweep"])).rows
-                           if r.run.method == "none" and r.run.model_gb),
-                          key=lambda r: r.run.model_gb)
-            if base:
-                budget = _round_up(base[len(base) // 2].run.model_gb)
+        budget = args.budget_gb if args.budget_gb is not None else _default_budget(out / "sweep")
         # headline metric: held-out perplexity, which moves with size and with every precision
         # step; the cloze accuracy is the table's second column
         rep = make_report([out / "sweep"], out / "report", metric="toy_story_ppl",
@@ -403,19 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     except QuantArgError as e:
         print(f"lm-eval-quant: error: {e}", file=sys.stderr)
         return 2
-    print()
-    print(to_markdown(rep.table))
-    for n in notes:
-        print(f"note: {n}")
-    for c in failed:
-        print(f"failed cell {c.name}: {c.error_line}")
-    if budget is not None:
-        _, text = budget_answer(rep.table, rep.metric, budget)
-        print(text.split("\n\nEvidence:")[0])
-        if rep.significance:
-            print(rep.significance)
-    done = sum(1 for c in cells if c.status in ("done", "skipped_done"))
-    print(f"\n{done} of {len(cells)} cells finished ({len(failed)} failed); models {t_models:.0f} s, "
+    failed = [c for c in res.cells if c.status == "failed"]
+    _print_summary(rep, res.cells, notes, budget)
+    done = sum(1 for c in res.cells if c.status in ("done", "skipped_done"))
+    print(f"\n{done} of {len(res.cells)} cells finished ({len(failed)} failed); models {t_models:.0f} s, "
           f"sweep {t_sweep:.0f} s, total {time.time() - t0:.0f} s")
     print(f"report: {rep.files['markdown']}")
     print(f"plots:  {rep.files['scaling_png']}\n        {rep.files['pareto_png']}"
@@ -424,6 +392,53 @@ def main(argv: list[str] | None = None) -> int:
     print(f"spec:   {out / 'demo_sweep.yaml'}  (rerun: lm-eval-quant sweep {out / 'demo_sweep.yaml'} "
           f"--out {out / 'sweep'})")
     return 0 if not failed else 1
+
+
+def _check_args(args) -> tuple[list[str], list[int], list[str]]:
+    """--sizes, --bits, --methods as lists; one-line errors for them, --items and --train-scale."""
+    sizes = [s.upper() for s in _parse_list(args.sizes, "sizes")]
+    bad = [s for s in sizes if s not in SIZES]
+    if bad or not sizes:
+        raise QuantArgError(f"demo: --sizes {args.sizes!r}: choose from {', '.join(SIZES)}")
+    bits = _parse_list(args.bits, "bits", int)
+    badb = [b for b in bits if b != 16 and not 2 <= b <= 8]
+    if badb or not bits:
+        raise QuantArgError(f"demo: --bits {args.bits!r}: use 16 (unquantized) and/or 2..8")
+    wanted = [m.lower() for m in _parse_list(args.methods, "methods")]
+    if args.items < 3:
+        raise QuantArgError("demo: --items must be at least 3")
+    if args.train_scale <= 0:
+        raise QuantArgError("demo: --train-scale must be positive")
+    return sizes, bits, wanted
+
+
+def _default_budget(sweep_dir: Path) -> float | None:
+    """The unquantized middle-sized model's size (GB, rounded up); None when there is none."""
+    from lm_eval_quant.report import build_table, collect
+
+    base = sorted((r for r in build_table(collect([sweep_dir])).rows
+                   if r.run.method == "none" and r.run.model_gb),
+                  key=lambda r: r.run.model_gb)
+    return _round_up(base[len(base) // 2].run.model_gb) if base else None
+
+
+def _print_summary(rep, cells, notes: list[str], budget: float | None) -> None:
+    """The table, notes, failed cells and the budget answer on stdout."""
+    from lm_eval_quant.report import budget_answer
+    from lm_eval_quant.report.table import to_markdown
+
+    print()
+    print(to_markdown(rep.table))
+    for n in notes:
+        print(f"note: {n}")
+    for c in cells:
+        if c.status == "failed":
+            print(f"failed cell {c.name}: {c.error_line}")
+    if budget is not None:
+        _, text = budget_answer(rep.table, rep.metric, budget)
+        print(text.split("\n\nEvidence:")[0])
+        if rep.significance:
+            print(rep.significance)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -340,96 +340,32 @@ def make_real(model, cfg, report, plan: ExecPlan, device=None, progress: bool = 
     import torch
     from tqdm.auto import tqdm
 
-    from .methods.base import quantizable_linears, weight_matrix
+    from .methods.layerwise import release_free_memory
 
     if not plan.real or plan.backend not in ("gptq", "bnb"):
         raise ValueError("make_real needs a real plan for rtn/gptq/awq")
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    lins = quantizable_linears(model, tuple(cfg.skip))
-    if report is not None and getattr(report, "quantized", None):
-        keep = set(report.quantized)
-        lins = [(n, m) for n, m in lins if n in keep]
-    if not lins:
-        raise QuantArgError(f"{_P}: execution=real: the model has no quantized linear layers")
-    check_real_shapes(lins, cfg, plan)
-    qstate = ((getattr(report, "extra", None) or {}).get("qstate") or {}) if report is not None else {}
-    opts = cfg.options or {}
-    if plan.backend == "gptq" and opts.get("act_order") and not opts.get("static_groups"):
-        missing = [n for n, _ in lins if n not in qstate]
-        if missing:
-            raise QuantArgError(
-                f"{_P}: execution=real: act_order=true needs GPTQ's integer state (keep_qstate=true) "
-                f"for {missing[0]}; its groups cannot be read back from the weights")
-    bits, g, sym = int(cfg.bits), int(cfg.group_size), bool(cfg.sym)
-    cls = _select_kernel(plan, cfg, dev, dtype) if plan.backend == "gptq" else None
-    if cls is not None and plan.kernel != "auto":
-        why = _layout_problem(cls, cfg)
-        if why:
-            raise QuantArgError(f"{_P}: kernel={plan.kernel}: {why}")
-    if cls is not None and plan.kernel == "auto" and _layout_problem(cls, cfg):
-        cls = _kernel_class("torch")
-    compute_dtype = dtype
-
-    # order: decoder layers first (one at a time), then linears outside them
-    try:
-        from .methods.layerwise import find_decoder_layers
-
-        path, layers = find_decoder_layers(model)
-        prefixes = [f"{path}.{i}" for i in range(len(layers))]
-    except QuantArgError:
-        path, layers, prefixes = None, [], []
-    groups: list[tuple[str | None, list]] = []
-    for i, pre in enumerate(prefixes):
-        groups.append((pre, [(n, m) for n, m in lins if n.startswith(pre + ".")]))
-    inside = {n for _, grp in groups for n, _ in grp}
-    rest = [(n, m) for n, m in lins if n not in inside]
-    if rest:
-        groups.append((None, rest))
+    lins, qstate = _real_linears(model, cfg, report, plan)
+    cls = _real_kernel_class(plan, cfg, dev, dtype) if plan.backend == "gptq" else None
 
     converted = 0
     used: set[str] = set()
     new_ids: set[int] = set()
     with torch.no_grad():
-        for pre, grp in tqdm(groups, desc="execution=real: packing", unit="layer", disable=not progress):
+        for pre, grp in tqdm(_layer_groups(model, lins), desc="execution=real: packing", unit="layer",
+                             disable=not progress):
             for name, mod in grp:
-                W = weight_matrix(mod)
-                bias = getattr(mod, "bias", None)
-                if plan.backend == "bnb":
-                    new = bnb_module(W, bias, plan.info["bnb_type"], W.shape[1] if g == -1 else g,
-                                     compute_dtype, device=dev)
-                else:
-                    qs = qstate.get(name)
-                    if qs is not None:
-                        qs = _check_qstate(name, qs, W, bits)
-                    else:
-                        qs = recover_qstate(W, bits, g, sym, name=name)
-                    try:
-                        new = gptq_module(cls, qs, bits, g, sym, bias=bias, device=dev)
-                    except QuantArgError:
-                        raise
-                    except Exception as e:  # a kernel that cannot take this layer / device
-                        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-                        torch_cls = _kernel_class("torch")
-                        if plan.kernel != "auto" or cls is torch_cls:
-                            raise QuantArgError(f"{_P}: execution=real: {cls.__name__} cannot hold {name} "
-                                                f"on {dev} ({first}); try kernel=torch") from None
-                        msg = f"{_P}: execution=real: {cls.__name__} failed on {name} ({first}); using the torch kernel"
-                        log.warning(msg)
-                        print(msg, file=sys.stderr)
-                        cls = torch_cls
-                        new = gptq_module(cls, qs, bits, g, sym, bias=bias, device=dev)
+                new, cls = _real_module(name, mod, cfg, plan, qstate, cls, dev, dtype)
                 used.add("bnb.Linear4bit" if plan.backend == "bnb" else type(new).__name__)
                 new_ids.add(id(new))
                 parent, leaf = _parent(model, name)
                 setattr(parent, leaf, new)
-                del mod, W, bias
+                del mod
                 converted += 1
             if pre is not None:
                 model.get_submodule(pre).to(dev)  # norms etc. of this layer
-            from .methods.layerwise import release_free_memory
-
             release_free_memory()
     if dev.type == "cpu":
         _own_storage(model, new_ids)
@@ -445,6 +381,94 @@ def make_real(model, cfg, report, plan: ExecPlan, device=None, progress: bool = 
     if plan.backend == "bnb":
         info["bnb_type"] = plan.info["bnb_type"]
     return info
+
+
+def _real_linears(model, cfg, report, plan: ExecPlan) -> tuple[list, dict]:
+    """The quantized linears to convert (those the report names) and GPTQ's integer state by name;
+    one error before any packing when the shapes or a missing act-order state rule the run out."""
+    from .methods.base import quantizable_linears
+
+    lins = quantizable_linears(model, tuple(cfg.skip))
+    if report is not None and getattr(report, "quantized", None):
+        keep = set(report.quantized)
+        lins = [(n, m) for n, m in lins if n in keep]
+    if not lins:
+        raise QuantArgError(f"{_P}: execution=real: the model has no quantized linear layers")
+    check_real_shapes(lins, cfg, plan)
+    qstate = ((getattr(report, "extra", None) or {}).get("qstate") or {}) if report is not None else {}
+    opts = cfg.options or {}
+    if plan.backend == "gptq" and opts.get("act_order") and not opts.get("static_groups"):
+        missing = [n for n, _ in lins if n not in qstate]
+        if missing:
+            raise QuantArgError(
+                f"{_P}: execution=real: act_order=true needs GPTQ's integer state (keep_qstate=true) "
+                f"for {missing[0]}; its groups cannot be read back from the weights")
+    return lins, qstate
+
+
+def _real_kernel_class(plan: ExecPlan, cfg, dev, dtype):
+    """The GPTQ kernel class: the one asked for (an error when it cannot take this layout), or with
+    kernel=auto the selected one, falling back to the torch kernel on a layout it cannot take."""
+    cls = _select_kernel(plan, cfg, dev, dtype)
+    if cls is not None and plan.kernel != "auto":
+        why = _layout_problem(cls, cfg)
+        if why:
+            raise QuantArgError(f"{_P}: kernel={plan.kernel}: {why}")
+    if cls is not None and plan.kernel == "auto" and _layout_problem(cls, cfg):
+        cls = _kernel_class("torch")
+    return cls
+
+
+def _layer_groups(model, lins: list) -> list[tuple[str | None, list]]:
+    """The linears grouped by decoder layer, in order ((prefix, [(name, module)])), then those
+    outside the layers (prefix None)."""
+    try:
+        from .methods.layerwise import find_decoder_layers
+
+        path, layers = find_decoder_layers(model)
+        prefixes = [f"{path}.{i}" for i in range(len(layers))]
+    except QuantArgError:
+        prefixes = []
+    groups: list[tuple[str | None, list]] = []
+    for pre in prefixes:
+        groups.append((pre, [(n, m) for n, m in lins if n.startswith(pre + ".")]))
+    inside = {n for _, grp in groups for n, _ in grp}
+    rest = [(n, m) for n, m in lins if n not in inside]
+    if rest:
+        groups.append((None, rest))
+    return groups
+
+
+def _real_module(name: str, mod, cfg, plan: ExecPlan, qstate: dict, cls, dev, compute_dtype):
+    """The real low-bit module for one fake-quantized linear, and the kernel class to go on with
+    (kernel=auto falls back to the torch kernel, with a warning, when the chosen one fails)."""
+    from .methods.base import weight_matrix
+
+    bits, g, sym = int(cfg.bits), int(cfg.group_size), bool(cfg.sym)
+    W = weight_matrix(mod)
+    bias = getattr(mod, "bias", None)
+    if plan.backend == "bnb":
+        return bnb_module(W, bias, plan.info["bnb_type"], W.shape[1] if g == -1 else g,
+                          compute_dtype, device=dev), cls
+    qs = qstate.get(name)
+    if qs is not None:
+        qs = _check_qstate(name, qs, W, bits)
+    else:
+        qs = recover_qstate(W, bits, g, sym, name=name)
+    try:
+        return gptq_module(cls, qs, bits, g, sym, bias=bias, device=dev), cls
+    except QuantArgError:
+        raise
+    except Exception as e:  # a kernel that cannot take this layer / device
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        torch_cls = _kernel_class("torch")
+        if plan.kernel != "auto" or cls is torch_cls:
+            raise QuantArgError(f"{_P}: execution=real: {cls.__name__} cannot hold {name} "
+                                f"on {dev} ({first}); try kernel=torch") from None
+        msg = f"{_P}: execution=real: {cls.__name__} failed on {name} ({first}); using the torch kernel"
+        log.warning(msg)
+        print(msg, file=sys.stderr)
+        return gptq_module(torch_cls, qs, bits, g, sym, bias=bias, device=dev), torch_cls
 
 
 def _own_storage(model, skip_ids: set[int]) -> None:

@@ -238,61 +238,19 @@ def recover_qstate(w_hat, bits: int, group_size: int, sym: bool, g_idx=None, nam
     g = block_length(in_f, group_size)
     n_groups = -(-in_f // g)  # a shorter last group when g does not divide in_f
     maxq = (1 << bits) - 1
-    if g_idx is None:
-        g_idx = torch.arange(in_f, dtype=torch.int32) // g
-        perm = None
-    else:
-        g_idx = g_idx.to(torch.int32).cpu()
-        counts = torch.bincount(g_idx.long(), minlength=n_groups)
-        want = torch.full((n_groups,), g, dtype=counts.dtype)
-        want[-1] = in_f - (n_groups - 1) * g
-        if counts.numel() != n_groups or bool((counts != want).any()):
-            raise QuantArgError(f"{_PREFIX}: g_idx of {name} does not have {n_groups} groups of {g} columns")
-        perm = torch.argsort(g_idx.long(), stable=True)
-        if bool((perm == torch.arange(in_f)).all()):
-            perm = None
+    g_idx, perm = _group_order(g_idx, in_f, g, n_groups, name)
     Wp = W if perm is None else W[:, perm]
     # [out·G, g]; a short last group is padded with copies of its own last value (same statistics)
     B = to_blocks(Wp, g).reshape(out_f * n_groups, g)
-
-    vmin = B.amin(dim=1)
-    vmax = B.amax(dim=1)
-    rng = vmax - vmin
-    srt = B.sort(dim=1).values
-    gaps = srt[:, 1:] - srt[:, :-1]
-    tol_gap = rng * 1e-4
-    gaps = torch.where(gaps > tol_gap.unsqueeze(1), gaps, torch.full_like(gaps, float("inf")))
-    gap = gaps.amin(dim=1)
-    m = torch.round(rng / gap).clamp(min=1)
-    s = torch.where(torch.isfinite(gap) & (m <= maxq), rng / m, torch.zeros_like(rng))
-    # one value only (range 0): s = |value| (code offset ±1), or 1 for an all-zero group
-    single = rng == 0
-    s = torch.where(single, torch.where(vmin != 0, vmin.abs(), torch.ones_like(vmin)), s)
-
-    def solve(scale):
-        scale = _fp16(torch.where(scale > 0, scale, torch.ones_like(scale)))
-        k = torch.round(B / scale.unsqueeze(1))
-        err = (B - k * scale.unsqueeze(1)).abs()
-        ok = (err <= (2.0**-7) * B.abs() + 1e-30).all(dim=1)
-        kmin, kmax = k.amin(dim=1), k.amax(dim=1)
-        if sym:
-            z = torch.full_like(scale, float((maxq + 1) // 2))
-            ok &= (kmin + z >= 0) & (kmax + z <= maxq)
-        else:
-            lo = (-kmin).clamp(min=0)          # smallest zero keeping codes ≥ 0
-            hi = (maxq - kmax).clamp(max=maxq)  # largest zero keeping codes ≤ maxq
-            ok &= lo <= hi
-            # prefer a zero ≥ 1 (v1 checkpoints cannot hold 0) when the codes leave the choice
-            z = torch.where(lo < 1, torch.minimum(torch.ones_like(lo), hi), lo).clamp(min=0)
-        return scale, z, ok
-
-    scale, zero, ok = solve(s)
+    rng = B.amax(dim=1) - B.amin(dim=1)
+    s = _grid_step_guess(B, maxq)
+    scale, zero, ok = _solve_grid(B, s, maxq, sym)
     if not bool(ok.all()):
         bad = torch.nonzero(~ok).flatten()
         for mm in range(maxq, 0, -1):
             if bad.numel() == 0:
                 break
-            sc2, z2, ok2 = solve(torch.where(rng > 0, rng / mm, s))
+            sc2, z2, ok2 = _solve_grid(B, torch.where(rng > 0, rng / mm, s), maxq, sym)
             fix = bad[ok2[bad]]
             scale[fix], zero[fix], ok[fix] = sc2[fix], z2[fix], True
             bad = bad[~ok2[bad]]
@@ -311,6 +269,67 @@ def recover_qstate(w_hat, bits: int, group_size: int, sym: bool, g_idx=None, nam
         codes = full
     return {"codes": codes, "scale": scale.reshape(out_f, n_groups),
             "zero": zero.reshape(out_f, n_groups), "g_idx": g_idx}
+
+
+def _group_order(g_idx, in_f: int, g: int, n_groups: int, name: str):
+    """(g_idx as int32, the column permutation that sorts the columns by group, or None when they
+    are in order already); an error when g_idx does not make ``n_groups`` groups of ``g`` columns."""
+    import torch
+
+    if g_idx is None:
+        return torch.arange(in_f, dtype=torch.int32) // g, None
+    g_idx = g_idx.to(torch.int32).cpu()
+    counts = torch.bincount(g_idx.long(), minlength=n_groups)
+    want = torch.full((n_groups,), g, dtype=counts.dtype)
+    want[-1] = in_f - (n_groups - 1) * g
+    if counts.numel() != n_groups or bool((counts != want).any()):
+        raise QuantArgError(f"{_PREFIX}: g_idx of {name} does not have {n_groups} groups of {g} columns")
+    perm = torch.argsort(g_idx.long(), stable=True)
+    if bool((perm == torch.arange(in_f)).all()):
+        perm = None
+    return g_idx, perm
+
+
+def _grid_step_guess(B, maxq: int):
+    """Each group's (row of ``B``) grid step read from its values: range / round(range / smallest
+    clear gap between sorted values), 0 when that needs more than maxq steps; for a one-value group
+    |value| (code offset ±1), or 1 when it is all zero."""
+    import torch
+
+    vmin = B.amin(dim=1)
+    vmax = B.amax(dim=1)
+    rng = vmax - vmin
+    srt = B.sort(dim=1).values
+    gaps = srt[:, 1:] - srt[:, :-1]
+    tol_gap = rng * 1e-4
+    gaps = torch.where(gaps > tol_gap.unsqueeze(1), gaps, torch.full_like(gaps, float("inf")))
+    gap = gaps.amin(dim=1)
+    m = torch.round(rng / gap).clamp(min=1)
+    s = torch.where(torch.isfinite(gap) & (m <= maxq), rng / m, torch.zeros_like(rng))
+    single = rng == 0
+    return torch.where(single, torch.where(vmin != 0, vmin.abs(), torch.ones_like(vmin)), s)
+
+
+def _solve_grid(B, scale, maxq: int, sym: bool):
+    """(fp16-representable scale, integer zero, ok) per group of ``B`` for a candidate step: ok
+    where every value lies on the grid (to fp16 precision) with codes in [0, maxq]."""
+    import torch
+
+    scale = _fp16(torch.where(scale > 0, scale, torch.ones_like(scale)))
+    k = torch.round(B / scale.unsqueeze(1))
+    err = (B - k * scale.unsqueeze(1)).abs()
+    ok = (err <= (2.0**-7) * B.abs() + 1e-30).all(dim=1)
+    kmin, kmax = k.amin(dim=1), k.amax(dim=1)
+    if sym:
+        z = torch.full_like(scale, float((maxq + 1) // 2))
+        ok &= (kmin + z >= 0) & (kmax + z <= maxq)
+    else:
+        lo = (-kmin).clamp(min=0)          # smallest zero keeping codes ≥ 0
+        hi = (maxq - kmax).clamp(max=maxq)  # largest zero keeping codes ≤ maxq
+        ok &= lo <= hi
+        # prefer a zero ≥ 1 (v1 checkpoints cannot hold 0) when the codes leave the choice
+        z = torch.where(lo < 1, torch.minimum(torch.ones_like(lo), hi), lo).clamp(min=0)
+    return scale, z, ok
 
 
 def _dequant(qs: dict):

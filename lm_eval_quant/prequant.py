@@ -314,24 +314,45 @@ def account_prequantized(model, cfg=None) -> dict | None:
         info["prequantized"] = {"quant_method": method, "description": describe(qc), "quantization_config": qc_json}
         return info
 
-    qmods = quantized_modules(model)
     # The checkpoint's packed tensors as stored (safetensors headers): kernels may repack them
     # in memory after the first forward (GPTQModel's torch kernel unpacks qzeros to floats), so
     # the files are the stable truth. Modules not found in the files are read from memory.
-    hdr: dict = {}
-    if ck is not None:
-        try:
-            hdr = safetensors_header_bits(ck)
-        except (OSError, ValueError, struct.error):
-            hdr = {}
-    q_tensor_ids: set[int] = set()
-    params_q = bits_q = 0
-    by_kind: dict[str, int] = {}
-    source = set()
+    hdr = _header_bits_or_empty(ck)
+    todo, decompressed = _modules_to_count(model, hdr)
+    q = _count_quantized(todo, hdr, qc, method)
+    params_total, total_bits = _count_unquantized(model, q["tensor_ids"])
+    params_total += q["params"]
+    # One definition of bits per weight for on-the-fly runs and checkpoints (docs/DESIGN.md):
+    # codes + scales + zero points (asymmetric only) + g_idx (act order only). What a layout
+    # stores beyond that as a pure function of its config (GPTQ's g_idx = i // group without
+    # act order, its constant qzeros when sym) is layout overhead: left out of the figures and
+    # reported here, with the file's own bits per weight.
+    overhead = _layout_overhead_bits(qc, q["by_kind"])
+    bits_q = q["bits"] - overhead
+    total_bits += q["bits"] - overhead
+    pre = _prequantized_block(qc, qc_json, method, q, overhead, decompressed, hdr)
+    from .accounting import summary
+
+    return summary(_quant_config_dict(qc, method, cfg), params_total, q["params"], len(todo), bits_q,
+                   total_bits, prequantized=pre)
+
+
+def _header_bits_or_empty(ck) -> dict:
+    """safetensors_header_bits of the checkpoint folder; {} when there is none or it is unreadable."""
+    if ck is None:
+        return {}
+    try:
+        return safetensors_header_bits(ck)
+    except (OSError, ValueError, struct.error):
+        return {}
+
+
+def _modules_to_count(model, hdr: dict) -> tuple[dict, list]:
+    """{name: (module, state)} of the quantized modules, plus the names of those packed in the
+    files but dense in memory (e.g. compressed-tensors decompressed on a device without its
+    kernels): still quantized weights of the checkpoint."""
     mods = dict(model.named_modules())
-    todo = {name: (mod, sd) for name, mod, sd in qmods}
-    # modules packed in the files but dense in memory (e.g. compressed-tensors decompressed on a
-    # device without its kernels): still quantized weights of the checkpoint
+    todo = {name: (mod, sd) for name, mod, sd in quantized_modules(model)}
     decompressed = []
     for key in hdr:
         prefix, _, leaf = key.rpartition(".")
@@ -341,6 +362,17 @@ def account_prequantized(model, cfg=None) -> dict | None:
             sd.update({k: v for k, v in m._buffers.items() if v is not None})
             todo[prefix] = (m, sd)
             decompressed.append(prefix)
+    return todo, decompressed
+
+
+def _count_quantized(todo: dict, hdr: dict, qc: dict, method: str) -> dict:
+    """Weights and stored bits of the quantized modules, from the files' headers where the module
+    is packed there, else from memory: params, bits, by_kind (bits per tensor kind), source
+    ("checkpoint"/"memory"), tensor_ids (the storage tensors, not counted again as dense)."""
+    tensor_ids: set[int] = set()
+    params_q = bits_q = 0
+    by_kind: dict[str, int] = {}
+    source = set()
     for name, (mod, sd) in todo.items():
         stored = {k: hdr[f"{name}.{k}"][2] for k in _STORAGE_KEYS if f"{name}.{k}" in hdr}
         use_file = any(k in stored for k in _PACKED_KEYS)
@@ -352,38 +384,44 @@ def account_prequantized(model, cfg=None) -> dict | None:
         source.add("checkpoint" if use_file else "memory")
         for k, t in sd.items():
             if k in _STORAGE_KEYS:
-                q_tensor_ids.add(id(t))  # (a dense decompressed weight is counted as packed)
+                tensor_ids.add(id(t))  # (a dense decompressed weight is counted as packed)
         items = stored.items() if use_file else (
             (k, _tensor_bits(t)) for k, t in sd.items() if k in _STORAGE_KEYS
         )  # bias: an ordinary unquantized parameter; kernel caches: not storage
         for k, b in items:
             bits_q += b
             by_kind[k] = by_kind.get(k, 0) + b
-    qmods = list(todo)
-    params_total = params_q
-    total_bits = bits_q
+    return {"params": params_q, "bits": bits_q, "by_kind": by_kind, "source": source, "tensor_ids": tensor_ids}
+
+
+def _count_unquantized(model, skip_ids: set[int]) -> tuple[int, int]:
+    """(weights, bits) of the floating-point parameters not in ``skip_ids``, each tensor once."""
+    params = bits = 0
     seen: set[int] = set()
     for p in model.parameters():
-        if id(p) in seen or id(p) in q_tensor_ids:
+        if id(p) in seen or id(p) in skip_ids:
             continue
         seen.add(id(p))
         if not p.dtype.is_floating_point:
             continue  # packed integer params not recognised above are never counted as weights
-        params_total += p.numel()
-        total_bits += _tensor_bits(p)
-    # One definition of bits per weight for on-the-fly runs and checkpoints (docs/DESIGN.md):
-    # codes + scales + zero points (asymmetric only) + g_idx (act order only). What a layout
-    # stores beyond that as a pure function of its config (GPTQ's g_idx = i // group without
-    # act order, its constant qzeros when sym) is layout overhead: left out of the figures and
-    # reported here, with the file's own bits per weight.
-    file_bits_q = bits_q
+        params += p.numel()
+        bits += _tensor_bits(p)
+    return params, bits
+
+
+def _layout_overhead_bits(qc: dict, by_kind: dict) -> int:
+    """Bits a layout stores as a pure function of its config: g_idx without act order, qzeros when sym."""
     overhead = 0
     if not qc.get("desc_act"):
         overhead += by_kind.get("g_idx", 0)
     if qc.get("sym") is True:
         overhead += by_kind.get("qzeros", 0)
-    bits_q -= overhead
-    total_bits -= overhead
+    return overhead
+
+
+def _prequantized_block(qc: dict, qc_json: dict, method: str, q: dict, overhead: int, decompressed: list,
+                        hdr: dict) -> dict:
+    """The "prequantized" entry of the accounting: the checkpoint's own description and figures."""
     pre = {
         "quant_method": method,
         "description": describe(qc),
@@ -393,19 +431,16 @@ def account_prequantized(model, cfg=None) -> dict | None:
         "desc_act": qc.get("desc_act"),
         "format": qc.get("checkpoint_format", qc.get("format", qc.get("version"))),
         "nominal_bits_per_weight": nominal_bits_per_weight(qc),
-        "quantized_tensor_bits": by_kind,
+        "quantized_tensor_bits": q["by_kind"],
         "layout_overhead_bits": overhead,
-        "file_bits_per_quantized_weight": (file_bits_q / params_q) if params_q else None,
+        "file_bits_per_quantized_weight": (q["bits"] / q["params"]) if q["params"] else None,
         "quantization_config": {k: v for k, v in qc_json.items() if k != "meta"},
     }
-    pre["packed_tensors_read_from"] = sorted(source)
+    pre["packed_tensors_read_from"] = sorted(q["source"])
     if decompressed:
         # transformers unpacked these to dense weights on this device: the evaluation ran with
         # exactly the checkpoint's dequantized values, but in memory they are dense
         pre["decompressed_in_memory"] = len(decompressed)
     if hdr:
         pre["checkpoint_tensor_bytes"] = sum(b for _, _, b in hdr.values()) // 8
-    from .accounting import summary
-
-    return summary(_quant_config_dict(qc, method, cfg), params_total, params_q, len(qmods), bits_q,
-                   total_bits, prequantized=pre)
+    return pre

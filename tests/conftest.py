@@ -27,6 +27,46 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_default_task_index():
+    """lm-eval's own task folder (~15,000 YAML files: 15-40 s to index here) is indexed once per
+    session instead of once per ``TaskManager`` (simple_evaluate builds one when it is given none;
+    our tests build one per include_path). ``TaskIndex.build`` indexes each root on its own and
+    then merges them in order, later roots overriding earlier ones, so building the built-in root
+    once and merging it the same way gives the same index. That folder does not change during a
+    session and lm-eval deep-copies an entry's config before using it, so the entries are shared.
+    Every other root (ours, the tests' temp folders) is indexed afresh each time. Forked sweep
+    cells inherit it; subprocesses (the slow tests) index as usual."""
+    from lm_eval.tasks import _index
+
+    orig = _index.TaskIndex.build
+    builtin = Path(_index.__file__).resolve().parent
+    cache: dict[bool, dict] = {}
+
+    def build(paths, *, resolve_includes=True):
+        paths = list(paths)
+        if not any(Path(p).resolve() == builtin for p in paths):
+            return orig(paths, resolve_includes=resolve_includes)
+        index: dict = {}
+        for root in paths:
+            if Path(root).resolve() == builtin:
+                if resolve_includes not in cache:
+                    cache[resolve_includes] = orig([root], resolve_includes=resolve_includes)
+                part = cache[resolve_includes]
+            else:
+                part = orig([root], resolve_includes=resolve_includes)
+            for name, entry in part.items():  # the merge of TaskIndex.build, warning included
+                if name in index:
+                    _index.log.warning("Task '%s' from %s overrides existing task from %s",
+                                       name, entry.yaml_path, index[name].yaml_path)
+                index[name] = entry
+        return index
+
+    _index.TaskIndex.build = staticmethod(build)
+    yield
+    _index.TaskIndex.build = staticmethod(orig)
+
+
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory) -> Path:
     env = os.environ.get("LMQ_TOY_CACHE")

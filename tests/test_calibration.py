@@ -207,6 +207,22 @@ def test_hf_source_used_when_available(monkeypatch):
 
 
 @pytest.mark.skipif(not (SHARED / "data" / "c4").is_dir(), reason="needs ../shared/data")
+def test_offline_fallback_to_shared_files():
+    """The fast twin of the real-tokenizer test below: the same fallback to ../shared/data files,
+    its warning and its determinism, with the character tokenizer."""
+    with pytest.warns(UserWarning, match="local file"):
+        ids, info = get_calibration(CharTok(), "c4", nsamples=4, seqlen=256, seed=0)
+    assert ids.shape == (4, 256) and info["source"] == "local" and "c4_validation_2k" in info["origin"]
+    with pytest.warns(UserWarning):
+        ids2, info2 = get_calibration(CharTok(), "wikitext2", nsamples=4, seqlen=256, seed=0)
+    assert info2["origin"].endswith("wiki.test.raw") and ids2.shape == (4, 256)
+    with pytest.warns(UserWarning):
+        ids3, _ = get_calibration(CharTok(), "c4", nsamples=4, seqlen=256, seed=0)
+    assert torch.equal(ids, ids3)
+
+
+@pytest.mark.slow  # issue 10: the real stories260K tokenizer over the real C4/WikiText files; the fixture-file fallback tests run fast
+@pytest.mark.skipif(not (SHARED / "data" / "c4").is_dir(), reason="needs ../shared/data")
 def test_offline_fallback_to_shared_files_with_real_tokenizer():
     from transformers import AutoTokenizer
 

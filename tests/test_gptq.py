@@ -369,6 +369,7 @@ def test_sensitive_toy_perplexity(sensitive_llama, calib_file, gs):
     assert r["gptq4"] < r["fp"] * 1.02, r
 
 
+@pytest.mark.slow  # issue 10: real model (stories260K from ../shared); the toy fixtures cover this fast
 @pytest.mark.skipif(not STORIES.is_dir(), reason="needs ../shared/models/stories260K")
 @pytest.mark.parametrize("gs", [-1, 32])
 def test_stories260k_perplexity(calib_file, gs):

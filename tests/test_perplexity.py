@@ -205,6 +205,7 @@ def test_cli_merges_model_args_into_the_task(tiny, data_dir, tmp_path):
     assert got == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow  # issue 10: real model (stories260K) on the real WikiText-2; test_wikitext2_gptq_equals_hand_computation checks the same sums fast on the toy
 @pytest.mark.skipif(_shared() is None or not (_shared() / "models" / "stories260K").is_dir(),
                     reason="needs ../shared/models/stories260K and ../shared/data")
 def test_stories260k_real_wikitext_first_windows(monkeypatch):

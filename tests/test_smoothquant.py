@@ -153,6 +153,20 @@ def test_smooth_errors():
         build_config(method="smoothquant", alpha="-0.1")
 
 
+def test_with_smoothing_returns_a_new_config():
+    """with_smoothing leaves the caller's config (and its options dict) as it was."""
+    from lm_eval_quant.methods.smoothquant import Smoothed, with_smoothing
+
+    cfg = build_config(method="gptq", bits=4, group_size=64)
+    before, opts_before = cfg.to_dict(), dict(cfg.options)
+    new, method = with_smoothing(cfg, get_method("gptq"), "0.5")
+    assert cfg.to_dict() == before and cfg.options == opts_before and "smooth" not in cfg.options
+    assert new is not cfg and new.options is not cfg.options
+    assert new.options == {**opts_before, "smooth": 0.5}
+    assert (new.method, new.bits, new.group_size, new.sym, new.skip) == (cfg.method, 4, 64, cfg.sym, cfg.skip)
+    assert isinstance(method, Smoothed) and method.alpha == 0.5 and method.inner.name == "gptq"
+
+
 def test_cache_hit_restores_smoothing_and_hooks(sensitive_llama, calib_txt, tmp_path):
     ids = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(0))
     kw = dict(pretrained=str(sensitive_llama), method="smoothquant", calib=str(calib_txt), nsamples=8, seqlen=64,

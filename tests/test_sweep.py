@@ -391,6 +391,7 @@ def test_cli_dry_run_lists_cells(world, tmp_path, capsys):
     assert not (tmp_path / "o" / "sweep_log.jsonl").exists() or not read_log(tmp_path / "o")
 
 
+@pytest.mark.slow  # spawns a cell subprocess and kills it (issue 10: subprocess and SIGKILL tests are slow)
 def test_cell_timeout_kills_the_cell_and_the_sweep_goes_on(world, tmp_path):
     d = spec_dict(world, bits=[16], methods=["none"])
     d["models"] = d["models"][:1]

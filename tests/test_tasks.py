@@ -448,6 +448,8 @@ def _count_tsv_col(path, col):
 
 
 @needs_shared
+@pytest.mark.slow  # issue 10: every row of the real data sets in ../shared (20,000 HaluEval items, 10,042
+# HellaSwag, ...); the *_from_fixture_files tests run the same loaders fast
 def test_real_files_label_counts(tm, monkeypatch):
     monkeypatch.setenv("LMQ_DATA_DIR", str(SHARED_DATA))
     tasks = _load(tm, ["liar", "liar_binary", "covid_constraint", "climate_fever", "fever", "halueval_qa",
@@ -497,6 +499,8 @@ def test_real_files_label_counts(tm, monkeypatch):
 
 
 @needs_shared
+@pytest.mark.slow  # issue 10: every row of the real data sets in ../shared (20,000 HaluEval items, 10,042
+# HellaSwag, ...); the *_from_fixture_files tests run the same loaders fast
 def test_real_files_builtin_overrides(tm, monkeypatch):
     monkeypatch.setenv("LMQ_DATA_DIR", str(SHARED_DATA))
     tasks = _load(tm, ["capabilities_reasoning"])

@@ -350,86 +350,104 @@ class GPTQ(Method):
             raise QuantArgError("hf-quant: method=gptq needs the model's tokenizer for calibration data")
         ids, calib_info = get_calibration(tok, o["calib"], o["nsamples"], o["seqlen"],
                                           o["calib_seed"], max_seqlen=model_max_seqlen(model))
-        damp, block, token_cap = o["damp"], o["block_size"], o["token_cap"]
-        capped: dict[str, int] = {}
-        act_order, static = o["act_order"], o["static_groups"]
-        keep, seq = o["keep_qstate"], o["true_sequential"]
-        modified: list[str] = []
-        quantized: list[str] = []
-        retries: dict[str, float] = {}
-        losses: dict[str, float] = {}
-        qstate: dict[str, dict] = {}
-        dead_total = 0
         seed = getattr(ctx, "seed", 0)
         if seed is not None:
             torch.manual_seed(int(seed))
-
-        def quantize_layer(step: LayerStep):
-            nonlocal dead_total
-            lin = [(n, m) for n, m in step.linears() if n in names]
-            if not lin:
-                return
-            groups = step.linear_groups(linears=lin) if seq else [lin]
-            lin_ids = {id(m) for _, m in lin}
-            done: set[int] = set()
-            # direct children holding quantized linears (self_attn, mlp, ...): once all their linears are
-            # final, later passes reuse their outputs instead of recomputing them (attention is costly)
-            children = []
-            for child in step.layer.children():
-                ids = {id(m) for m in child.modules() if id(m) in lin_ids}
-                if ids:
-                    children.append((child, ids))
-            for group in groups:
-                solvers = {n: GPTQSolver(weight_matrix(m), step.device, token_cap=token_cap) for n, m in group}
-                gather = _BatchGather(step, solvers)
-                handles = [m.register_forward_pre_hook(gather.hook(n)) for n, m in group]
-                try:
-                    step.forward(stop_after=[m for _, m in group], on_batch_end=gather.flush)
-                finally:
-                    for h in handles:
-                        h.remove()
-                    del gather
-                for n, m in group:
-                    if solvers[n].capped:
-                        capped[n] = solvers[n].capped
-                    res = solvers[n].quantize(fmt, cfg.group_size, damp, block, act_order, static, keep)
-                    del solvers[n]
-                    set_weight_matrix(m, res.pop("w_hat"))
-                    release_free_memory()
-                    modified.append(n + ".weight")
-                    quantized.append(n)
-                    losses[n] = res["loss"]
-                    dead_total += res["dead"]
-                    if res["retries"]:
-                        retries[n] = res["damp"]
-                        warnings.warn(f"gptq: Cholesky failed for {n} with damp={damp:g}; succeeded with damp={res['damp']:g}")
-                    if keep:
-                        qstate[n] = res["qstate"]
-                    done.add(id(m))
-                if seq:
-                    for child, ids in children:
-                        if ids <= done:
-                            step.memoize(child)
-
+        layers = _GPTQLayers(names, fmt, cfg.group_size, o)
         seqlen = int(ids.shape[1])
         fwd = o["forward_batch"] or max(1, 512 // max(1, seqlen))
-        run_layerwise(model, ids, quantize_layer, device=getattr(ctx, "device", None),
+        run_layerwise(model, ids, layers, device=getattr(ctx, "device", None),
                       batch_size=o["calib_batch"] or None, progress=bool(getattr(ctx, "progress", True)),
                       desc="gptq", micro_batch=fwd)
         # linears outside the decoder layers (e.g. lm_head with skip=none): round-to-nearest
         rtn_outside = []
         for n, m in all_lin:
-            if n not in quantized:
+            if n not in layers.quantized:
                 untie_if_shared(model, m)
                 set_weight_matrix(m, quantize_weight(weight_matrix(m), fmt, cfg.group_size).w_hat)
-                quantized.append(n)
-                modified.append(n + ".weight")
+                layers.quantized.append(n)
+                layers.modified.append(n + ".weight")
                 rtn_outside.append(n)
-        extra: dict[str, Any] = {"calibration": calib_info, "damp": damp, "act_order": act_order,
-                                 "static_groups": static, "true_sequential": seq, "block_size": block,
-                                 "damp_retries": retries, "dead_inputs": dead_total, "loss": losses,
-                                 "token_cap": token_cap, "capped_tokens": capped,
+        extra: dict[str, Any] = {"calibration": calib_info, "damp": o["damp"], "act_order": o["act_order"],
+                                 "static_groups": o["static_groups"], "true_sequential": o["true_sequential"],
+                                 "block_size": o["block_size"], "damp_retries": layers.retries,
+                                 "dead_inputs": layers.dead_total, "loss": layers.losses,
+                                 "token_cap": o["token_cap"], "capped_tokens": layers.capped,
                                  "rtn_outside_layers": rtn_outside}
-        if keep:
-            extra["qstate"] = qstate
-        return QuantReport(quantized=quantized, modified=modified, seconds=time.perf_counter() - t0, extra=extra)
+        if o["keep_qstate"]:
+            extra["qstate"] = layers.qstate
+        return QuantReport(quantized=layers.quantized, modified=layers.modified,
+                           seconds=time.perf_counter() - t0, extra=extra)
+
+
+class _GPTQLayers:
+    """The run_layerwise callback of GPTQ: quantizes one decoder layer's linears (in sequential
+    groups with true_sequential) and keeps what the report needs across layers."""
+
+    def __init__(self, names: set[str], fmt: Format, group_size: int, o: dict):
+        self.names, self.fmt, self.group_size, self.o = names, fmt, group_size, o
+        self.modified: list[str] = []
+        self.quantized: list[str] = []
+        self.retries: dict[str, float] = {}
+        self.losses: dict[str, float] = {}
+        self.qstate: dict[str, dict] = {}
+        self.capped: dict[str, int] = {}
+        self.dead_total = 0
+
+    def __call__(self, step: LayerStep) -> None:
+        seq = self.o["true_sequential"]
+        lin = [(n, m) for n, m in step.linears() if n in self.names]
+        if not lin:
+            return
+        groups = step.linear_groups(linears=lin) if seq else [lin]
+        lin_ids = {id(m) for _, m in lin}
+        done: set[int] = set()
+        # direct children holding quantized linears (self_attn, mlp, ...): once all their linears are
+        # final, later passes reuse their outputs instead of recomputing them (attention is costly)
+        children = []
+        for child in step.layer.children():
+            ids = {id(m) for m in child.modules() if id(m) in lin_ids}
+            if ids:
+                children.append((child, ids))
+        for group in groups:
+            self._quantize_group(step, group)
+            done.update(id(m) for _, m in group)
+            if seq:
+                for child, ids in children:
+                    if ids <= done:
+                        step.memoize(child)
+
+    def _quantize_group(self, step: LayerStep, group: list) -> None:
+        """Collect the Hessians of ``group``'s linears in one pass over the calibration batches,
+        then solve and write each."""
+        o = self.o
+        solvers = {n: GPTQSolver(weight_matrix(m), step.device, token_cap=o["token_cap"]) for n, m in group}
+        gather = _BatchGather(step, solvers)
+        handles = [m.register_forward_pre_hook(gather.hook(n)) for n, m in group]
+        try:
+            step.forward(stop_after=[m for _, m in group], on_batch_end=gather.flush)
+        finally:
+            for h in handles:
+                h.remove()
+            del gather
+        for n, m in group:
+            if solvers[n].capped:
+                self.capped[n] = solvers[n].capped
+            res = solvers[n].quantize(self.fmt, self.group_size, o["damp"], o["block_size"], o["act_order"],
+                                      o["static_groups"], o["keep_qstate"])
+            del solvers[n]
+            set_weight_matrix(m, res.pop("w_hat"))
+            release_free_memory()
+            self._record(n, res)
+
+    def _record(self, n: str, res: dict) -> None:
+        self.modified.append(n + ".weight")
+        self.quantized.append(n)
+        self.losses[n] = res["loss"]
+        self.dead_total += res["dead"]
+        if res["retries"]:
+            self.retries[n] = res["damp"]
+            warnings.warn(f"gptq: Cholesky failed for {n} with damp={self.o['damp']:g}; "
+                          f"succeeded with damp={res['damp']:g}")
+        if self.o["keep_qstate"]:
+            self.qstate[n] = res["qstate"]

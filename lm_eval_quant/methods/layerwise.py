@@ -534,6 +534,24 @@ class LayerStep:
         return groups
 
 
+def _inputs_on(cap, device: torch.device) -> tuple[list, list, list]:
+    """The captured layer-0 inputs (hidden states, args, kwargs) moved to ``device``, keeping the
+    sharing of identical objects among the args and kwargs."""
+
+    def to_dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device)
+
+    hidden = [h.to(device) for h in cap.hidden]
+    memo: dict[int, Any] = {}
+
+    def moved(obj):
+        if id(obj) not in memo:
+            memo[id(obj)] = _map_tensors(obj, to_dev)
+        return memo[id(obj)]
+
+    return hidden, [moved(a) for a in cap.args], [moved(k) for k in cap.kwargs]
+
+
 @torch.no_grad()
 def run_layerwise(
     model: nn.Module,
@@ -566,22 +584,8 @@ def run_layerwise(
         except StopIteration:
             device = cap.hidden[0].device
     device = torch.device(device)
-
-    def to_dev(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device)
-
-    hidden = [h.to(device) for h in cap.hidden]
-    # move args/kwargs, keeping the sharing of identical objects
-    memo: dict[int, Any] = {}
-
-    def moved(obj):
-        if id(obj) not in memo:
-            memo[id(obj)] = _map_tensors(obj, to_dev)
-        return memo[id(obj)]
-
-    args = [moved(a) for a in cap.args]
-    kwargs = [moved(k) for k in cap.kwargs]
-    del cap, memo
+    hidden, args, kwargs = _inputs_on(cap, device)
+    del cap
 
     results = []
     it = range(len(layers))

@@ -232,7 +232,10 @@ class Smoothed(Method):
 
 
 def with_smoothing(cfg: QuantConfig, method: Method, smooth: Any) -> tuple[QuantConfig, Method]:
-    """Wrap ``method`` for ``smooth=α`` (rtn, gptq, awq); α goes into cfg.options (cache key, results)."""
+    """Wrap ``method`` for ``smooth=α`` (rtn, gptq, awq). Returns a new config whose options carry α
+    (cache key, results) and the wrapped method; the caller's ``cfg`` is left as it was."""
+    from dataclasses import replace
+
     from .base import parse_float
 
     if cfg.is_baseline or cfg.method not in ("rtn", "gptq", "awq"):
@@ -241,8 +244,7 @@ def with_smoothing(cfg: QuantConfig, method: Method, smooth: Any) -> tuple[Quant
             f"for method={cfg.method} use method=smoothquant alpha=... or drop smooth"
         )
     a = _check_alpha(parse_float("smooth", smooth))
-    cfg.options = {**cfg.options, "smooth": a}
-    return cfg, Smoothed(method, a)
+    return replace(cfg, options={**cfg.options, "smooth": a}), Smoothed(method, a)
 
 
 __all__ = ["SmoothQuant", "Smoothed", "smooth_model", "smoothing_scales", "with_smoothing"]

@@ -110,14 +110,7 @@ def make_report(paths, out_dir, metric: str | None = None, budget_gb: float | No
     for cell, err in failed_cells(paths):
         table.notes.append(f"sweep cell {cell} failed: {err}")
     m = table.resolve_metric(metric)
-    if budget_gb is not None and not budget_gb > 0:
-        from lm_eval_quant.errors import QuantArgError
-
-        raise QuantArgError(f"report: --budget-gb must be a positive number of GB, got {budget_gb}")
-    if beyond and not (isinstance(bootstrap_resamples, int) and bootstrap_resamples >= 100):
-        from lm_eval_quant.errors import QuantArgError
-
-        raise QuantArgError(f"report: --bootstrap must be an integer >= 100 (default 10000), got {bootstrap_resamples}")
+    _check_report_args(budget_gb, beyond, bootstrap_resamples)
     bey = None
     if beyond:
         from . import beyond as B
@@ -127,17 +120,7 @@ def make_report(paths, out_dir, metric: str | None = None, budget_gb: float | No
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(table=table, metric=m, budget_gb=budget_gb, beyond=bey)
-    md = to_markdown(table)
-    parts = [f"# {title or 'lm-eval-quant report'}\n",
-             f"{len(table.rows)} run(s) from {sum(len(r.run.files) for r in table.rows)} "
-             f"results file(s). Plot/budget metric: {table.metric_label(m)}.\n"]
-    if table.mean_tasks:
-        parts.append("`mean` = mean of: " + ", ".join(table.mean_tasks) + ".\n")
-    for cat, ts in table.category_tasks.items():
-        parts.append(f"`{cat} mean` = mean of: {', '.join(ts)}.\n")
-    for n in table.notes:
-        parts.append((n if n.startswith("Warning:") else f"Note: {n}") + ".\n")
-    parts.append("\n" + md)
+    parts = _report_head(table, m, title)
     if budget_gb is not None:
         rep.best, text = budget_answer(table, m, budget_gb)
         if rep.best is not None and bey is not None:
@@ -145,31 +128,9 @@ def make_report(paths, out_dir, metric: str | None = None, budget_gb: float | No
             text = text.rstrip("\n") + "\n\n" + rep.significance + "\n"
         parts.append("\n## Memory budget\n\n" + text)
     if bey is not None and bey.stats:
-        parts.append("\n## Beyond accuracy (against each model's full-precision run)\n\n"
-                     "From the runs' per-sample logs: `flips` = fraction of items whose chosen answer "
-                     "changed vs the fp reference (r→w: right to wrong, w→r: wrong to right); KL = "
-                     "KL(p_fp ‖ p_q) over the softmax of the choices' scores (the scores the task's "
-                     "metric ranks by: log-likelihood for acc, per-character for acc_norm), nats; ECE "
-                     "(15 bins) and Brier of the run itself, Δ vs fp on the same items; McNemar exact "
-                     f"test and paired bootstrap 95% CI ({bootstrap_resamples} resamples, seed {seed}) "
-                     "of the accuracy difference. Perplexity tasks: token-level KLD against the fp "
-                     "model's stored top-32 log-probabilities (a lower bound; see docs/report.md).\n\n"
-                     + B.to_markdown(table, bey))
+        parts.append(_beyond_section(table, bey, bootstrap_resamples, seed))
     if plots:
-        rep.scaling_points = plot_scaling(table, m, out / "scaling.png", title=title)
-        rep.pareto_points = plot_pareto(table, m, out / "pareto.png", budget_gb=budget_gb)
-        rep.files["scaling_png"] = out / "scaling.png"
-        rep.files["pareto_png"] = out / "pareto.png"
-        rep.files["scaling_csv"] = write_points_csv(rep.scaling_points, out / "scaling_points.csv")
-        rep.files["pareto_csv"] = write_points_csv(rep.pareto_points, out / "pareto_points.csv")
-        plots_md = "\n## Plots\n\n![scaling](scaling.png)\n\n![pareto](pareto.png)\n"
-        if bey is not None:
-            rep.flips_points = B.plot_flips(table, bey, out / "flips.png")
-            if rep.flips_points:
-                rep.files["flips_png"] = out / "flips.png"
-                rep.files["flips_csv"] = B.write_csv(rep.flips_points, out / "flips_points.csv")
-                plots_md += "\n![accuracy vs flips](flips.png)\n"
-        parts.append(plots_md)
+        parts.append(_write_plots(rep, out, title))
     rep.markdown = "\n".join(parts)
     (out / "report.md").write_text(rep.markdown, encoding="utf-8")
     extra = B.csv_columns(table, bey) if bey is not None and bey.stats else None
@@ -180,3 +141,66 @@ def make_report(paths, out_dir, metric: str | None = None, budget_gb: float | No
     rep.files["markdown"] = out / "report.md"
     rep.files["csv"] = out / "report.csv"
     return rep
+
+
+def _check_report_args(budget_gb, beyond: bool, bootstrap_resamples) -> None:
+    """One-line errors for a bad --budget-gb or --bootstrap, before any file is written."""
+    from lm_eval_quant.errors import QuantArgError
+
+    if budget_gb is not None and not budget_gb > 0:
+        raise QuantArgError(f"report: --budget-gb must be a positive number of GB, got {budget_gb}")
+    if beyond and not (isinstance(bootstrap_resamples, int) and bootstrap_resamples >= 100):
+        raise QuantArgError(f"report: --bootstrap must be an integer >= 100 (default 10000), got {bootstrap_resamples}")
+
+
+def _report_head(table, m: str, title: str | None) -> list[str]:
+    """report.md's title, what the means are, the notes, and the table."""
+    parts = [f"# {title or 'lm-eval-quant report'}\n",
+             f"{len(table.rows)} run(s) from {sum(len(r.run.files) for r in table.rows)} "
+             f"results file(s). Plot/budget metric: {table.metric_label(m)}.\n"]
+    if table.mean_tasks:
+        parts.append("`mean` = mean of: " + ", ".join(table.mean_tasks) + ".\n")
+    for cat, ts in table.category_tasks.items():
+        parts.append(f"`{cat} mean` = mean of: {', '.join(ts)}.\n")
+    for n in table.notes:
+        parts.append((n if n.startswith("Warning:") else f"Note: {n}") + ".\n")
+    parts.append("\n" + to_markdown(table))
+    return parts
+
+
+def _beyond_section(table, bey, bootstrap_resamples: int, seed: int) -> str:
+    """report.md's "Beyond accuracy" section: what each statistic is, then its table."""
+    from . import beyond as B
+
+    return ("\n## Beyond accuracy (against each model's full-precision run)\n\n"
+            "From the runs' per-sample logs: `flips` = fraction of items whose chosen answer "
+            "changed vs the fp reference (r→w: right to wrong, w→r: wrong to right); KL = "
+            "KL(p_fp ‖ p_q) over the softmax of the choices' scores (the scores the task's "
+            "metric ranks by: log-likelihood for acc, per-character for acc_norm), nats; ECE "
+            "(15 bins) and Brier of the run itself, Δ vs fp on the same items; McNemar exact "
+            f"test and paired bootstrap 95% CI ({bootstrap_resamples} resamples, seed {seed}) "
+            "of the accuracy difference. Perplexity tasks: token-level KLD against the fp "
+            "model's stored top-32 log-probabilities (a lower bound; see docs/report.md).\n\n"
+            + B.to_markdown(table, bey))
+
+
+def _write_plots(rep: Report, out: Path, title: str | None) -> str:
+    """Draw scaling.png and pareto.png (and flips.png with the beyond statistics) with their point
+    CSVs into ``out``, recording them in ``rep``; the report's "Plots" section."""
+    table, m, bey = rep.table, rep.metric, rep.beyond
+    rep.scaling_points = plot_scaling(table, m, out / "scaling.png", title=title)
+    rep.pareto_points = plot_pareto(table, m, out / "pareto.png", budget_gb=rep.budget_gb)
+    rep.files["scaling_png"] = out / "scaling.png"
+    rep.files["pareto_png"] = out / "pareto.png"
+    rep.files["scaling_csv"] = write_points_csv(rep.scaling_points, out / "scaling_points.csv")
+    rep.files["pareto_csv"] = write_points_csv(rep.pareto_points, out / "pareto_points.csv")
+    plots_md = "\n## Plots\n\n![scaling](scaling.png)\n\n![pareto](pareto.png)\n"
+    if bey is not None:
+        from . import beyond as B
+
+        rep.flips_points = B.plot_flips(table, bey, out / "flips.png")
+        if rep.flips_points:
+            rep.files["flips_png"] = out / "flips.png"
+            rep.files["flips_csv"] = B.write_csv(rep.flips_points, out / "flips_points.csv")
+            plots_md += "\n![accuracy vs flips](flips.png)\n"
+    return plots_md

@@ -270,8 +270,58 @@ def run_from_results(d: dict, path: Path) -> Run:
         # also accept it at top level, in case a front end put it there
         q = d.get("quantization") if isinstance(d.get("quantization"), dict) else None
     params = _num(cfg.get("model_num_parameters"))
-    dtype_bits = _dtype_bits(cfg.get("model_dtype") or margs.get("dtype"))
     limit = cfg.get("limit")
+    dtype_bits, eval_dtype, storage_dtype, counted_dtype = _precision_dtypes(cfg, margs, q)
+    if q is not None:
+        f = _quantized_figures(q, params, dtype_bits, counted_dtype)
+    else:
+        f = _plain_figures(cfg, params, dtype_bits)
+    method = f["method"]
+    labels = d.get("sweep") if isinstance(d.get("sweep"), dict) else {}
+    method_label = str(labels.get("method_label") or method) if method != "none" else "none"
+    ex = _execution_figures(q)
+    if ex["execution"] == "real":  # a real-kernel run is its own row next to the fake-quantized one
+        method_label = f"{method_label} (real)"
+    key = (
+        model_path,
+        method_label,
+        method,
+        f["format"],
+        f["bits"],
+        f["group_size"],
+        f["sym"],
+        json.dumps(f["options"], sort_keys=True, default=str),
+        json.dumps(limit, default=str),
+    )
+    gs, params_total = f["group_size"], f["params_total"]
+    return Run(
+        key=key,
+        model=str(labels.get("model") or _display_name(model_path)),
+        model_path=model_path,
+        method=method,
+        format=f["format"],
+        bits=f["bits"],
+        group_size=int(gs) if isinstance(gs, (int, float)) and not isinstance(gs, bool) else None,
+        sym=f["sym"],
+        bits_per_weight=f["bpw"],
+        bits_per_param=f["bpp"],
+        params_total=int(params_total) if params_total else None,
+        total_bits=f["total_bits"],
+        model_gb=f["gb"],
+        limit=limit,
+        options=f["options"],
+        source_kind=f["kind"],
+        family=str(labels.get("family") or ""),
+        method_label=method_label,
+        **ex,
+        storage_dtype=storage_dtype,
+        eval_dtype=eval_dtype,
+    )
+
+
+def _precision_dtypes(cfg: dict, margs: dict, q: dict | None) -> tuple:
+    """(bits of the dtype unquantized parts count at, evaluation dtype, storage dtype, that counted dtype)."""
+    dtype_bits = _dtype_bits(cfg.get("model_dtype") or margs.get("dtype"))
     eval_dtype = _dtype_name(cfg.get("model_dtype") or margs.get("dtype"), None)
     eval_dtype = None if eval_dtype == "?" else eval_dtype
     storage_dtype = None
@@ -285,96 +335,70 @@ def run_from_results(d: dict, path: Path) -> Run:
         if cands:
             counted_dtype = min(cands, key=_dtype_bits)
             dtype_bits = _dtype_bits(counted_dtype)
-    if q is not None:
-        qc = q.get("quant_config") or {}
-        method = str(qc.get("method", "none"))
-        bits = _num(qc.get("bits"))
-        gs = qc.get("group_size")
-        fmt = str(qc.get("format", "int"))
-        sym = qc.get("sym")
-        options = qc.get("options") or {}
-        params_total = _num(q.get("params_total")) or params
-        total_bits = _num(q.get("total_bits"))
-        bpw = _num(q.get("bits_per_quantized_weight"))
-        bpp = _num(q.get("bits_per_param"))
-        if total_bits is None and bpp is not None and params_total:
-            total_bits = bpp * params_total
-        if bpp is None and total_bits is not None and params_total:
-            bpp = total_bits / params_total
-        gb = _num(q.get("total_gb"))
-        if gb is None and _num(q.get("total_bytes")) is not None:
-            gb = _num(q.get("total_bytes")) / GB
-        if gb is None and total_bits is not None:
-            gb = total_bits / 8 / GB
-        unquantized = method == "none" or (bits is not None and bits >= 16) or not _num(
-            q.get("params_quantized")
-        )
-        if unquantized:
-            method = "none"
-            b = dtype_bits or (bpp if bpp is not None else bits)
-            bits = float(b) if b is not None else None
-            gs, sym, fmt = None, None, _dtype_name(counted_dtype, bits)
-            options = {}
-            if bpw is None or not _num(q.get("params_quantized")):
-                bpw = bits
-        kind = "hf-quant"
-    else:
-        method, fmt, gs, sym, options = "none", _dtype_name(cfg.get("model_dtype"), dtype_bits), None, None, {}
-        bits = float(dtype_bits) if dtype_bits else None
-        params_total = params
-        total_bits = params * bits if (params and bits) else None
-        bpw = bits
-        bpp = bits
-        gb = total_bits / 8 / GB if total_bits is not None else None
-        kind = "plain"
-    labels = d.get("sweep") if isinstance(d.get("sweep"), dict) else {}
-    method_label = str(labels.get("method_label") or method) if method != "none" else "none"
+    return dtype_bits, eval_dtype, storage_dtype, counted_dtype
+
+
+def _quantized_figures(q: dict, params, dtype_bits, counted_dtype) -> dict:
+    """Method, format and size figures of a run with our `quantization` block (an unquantized one
+    reads as method none at its dtype's bits)."""
+    qc = q.get("quant_config") or {}
+    method = str(qc.get("method", "none"))
+    bits = _num(qc.get("bits"))
+    gs = qc.get("group_size")
+    fmt = str(qc.get("format", "int"))
+    sym = qc.get("sym")
+    options = qc.get("options") or {}
+    params_total = _num(q.get("params_total")) or params
+    total_bits = _num(q.get("total_bits"))
+    bpw = _num(q.get("bits_per_quantized_weight"))
+    bpp = _num(q.get("bits_per_param"))
+    if total_bits is None and bpp is not None and params_total:
+        total_bits = bpp * params_total
+    if bpp is None and total_bits is not None and params_total:
+        bpp = total_bits / params_total
+    gb = _num(q.get("total_gb"))
+    if gb is None and _num(q.get("total_bytes")) is not None:
+        gb = _num(q.get("total_bytes")) / GB
+    if gb is None and total_bits is not None:
+        gb = total_bits / 8 / GB
+    unquantized = method == "none" or (bits is not None and bits >= 16) or not _num(
+        q.get("params_quantized")
+    )
+    if unquantized:
+        method = "none"
+        b = dtype_bits or (bpp if bpp is not None else bits)
+        bits = float(b) if b is not None else None
+        gs, sym, fmt = None, None, _dtype_name(counted_dtype, bits)
+        options = {}
+        if bpw is None or not _num(q.get("params_quantized")):
+            bpw = bits
+    return dict(method=method, format=fmt, bits=bits, group_size=gs, sym=sym, options=options,
+                params_total=params_total, total_bits=total_bits, bpw=bpw, bpp=bpp, gb=gb, kind="hf-quant")
+
+
+def _plain_figures(cfg: dict, params, dtype_bits) -> dict:
+    """The figures of a plain (not hf-quant) run: every parameter at the model's dtype."""
+    bits = float(dtype_bits) if dtype_bits else None
+    total_bits = params * bits if (params and bits) else None
+    return dict(method="none", format=_dtype_name(cfg.get("model_dtype"), dtype_bits), bits=bits, group_size=None,
+                sym=None, options={}, params_total=params, total_bits=total_bits, bpw=bits, bpp=bits,
+                gb=total_bits / 8 / GB if total_bits is not None else None, kind="plain")
+
+
+def _execution_figures(q: dict | None) -> dict:
+    """Run fields from the issue-14 `execution` block: mode, kernel, measured and peak GB, tokens/s."""
     ex = (q or {}).get("execution") if isinstance((q or {}).get("execution"), dict) else {}  # issue 14
-    ex_mode = str(ex.get("execution") or "")
     res = ex.get("resident") if isinstance(ex.get("resident"), dict) else {}
     measured_gb = _num(res.get("total_bytes")) / GB if _num(res.get("total_bytes")) is not None else None
     peak = _num(ex.get("peak_device_bytes"))
     if peak is None:
         peak = _num(ex.get("peak_rss_above_baseline_bytes"))
-    if ex_mode == "real":  # a real-kernel run is its own row next to the fake-quantized one
-        method_label = f"{method_label} (real)"
-    key = (
-        model_path,
-        method_label,
-        method,
-        fmt,
-        bits,
-        gs,
-        sym,
-        json.dumps(options, sort_keys=True, default=str),
-        json.dumps(limit, default=str),
-    )
-    return Run(
-        key=key,
-        model=str(labels.get("model") or _display_name(model_path)),
-        model_path=model_path,
-        method=method,
-        format=fmt,
-        bits=bits,
-        group_size=int(gs) if isinstance(gs, (int, float)) and not isinstance(gs, bool) else None,
-        sym=sym,
-        bits_per_weight=bpw,
-        bits_per_param=bpp,
-        params_total=int(params_total) if params_total else None,
-        total_bits=total_bits,
-        model_gb=gb,
-        limit=limit,
-        options=options,
-        source_kind=kind,
-        family=str(labels.get("family") or ""),
-        method_label=method_label,
-        execution=ex_mode,
+    return dict(
+        execution=str(ex.get("execution") or ""),
         kernel=str(ex.get("kernel") or ""),
         measured_gb=measured_gb,
         peak_gb=peak / GB if peak is not None else None,
         tok_s=_num(ex.get("loglikelihood_tokens_per_s")),
-        storage_dtype=storage_dtype,
-        eval_dtype=eval_dtype,
     )
 
 

@@ -326,88 +326,14 @@ def build_table(runs: list[Run], task_metric: dict[str, str] | None = None,
                 leaves: bool = False) -> Table:
     """Rows sorted by family, size, method (unquantized first), bits (high to low)."""
     notes: list[str] = []
-    # --- which entries become columns
     all_tasks: dict[str, list] = {}
     for r in runs:
         for name, t in r.tasks.items():
             all_tasks.setdefault(name, []).append(t)
-    # a subtask is folded into its group's column only when every run that has it has the group
-    folded: set[str] = set()
-    if not leaves:
-        for r in runs:
-            for t in r.tasks.values():
-                if t.is_group:
-                    folded.update(t.subtasks)
-        folded = {s for s in folded if all(
-            any(g.is_group and s in g.subtasks for g in r.tasks.values())
-            for r in runs if s in r.tasks)}
-    names = []
-    for name, ts in all_tasks.items():
-        is_group = any(t.is_group for t in ts)
-        if leaves and is_group:
-            continue
-        if not leaves and name in folded and not is_group:
-            continue
-        names.append(name)
-    if tasks:
-        missing = [t for t in tasks if t not in all_tasks]
-        if missing:
-            raise QuantArgError(
-                f"report: --tasks {','.join(missing)} not found; the results have: "
-                f"{', '.join(sorted(all_tasks))}")
-        names = [t for t in tasks]
-    names = sorted(set(names), key=lambda n: (categories_of(n)[0] == "other", n))
-    # --- main metric per column (common to all runs: the one most runs have)
-    columns = []
-    for name in names:
-        ts = all_tasks[name]
-        metric_sets = [set(t.metrics) for t in ts]
-        union = set().union(*metric_sets)
-        order = []
-        for t in ts:
-            order += [m for m in t.metrics if m not in order]
-        m = choose_metric(name, union, task_metric, order)
-        if task_metric and name in task_metric and task_metric[name] not in union:
-            raise QuantArgError(
-                f"report: --task-metric {name}={task_metric[name]}: {name} reports "
-                f"{', '.join(sorted(union))}")
-        hib = not _lower_better(ts[0], m)
-        vals = [t.metrics[m] for t in ts if m in t.metrics]
-        acc_like = hib and all(0.0 <= v <= 1.0 for v in vals) and bool(vals)
-        columns.append(Column(name, m, hib, acc_like, categories_of(name)))
-    # --- rows
-    rows = []
-    for r in runs:
-        fam = None
-        if families:
-            fam = next((v for k, v in families.items()
-                        if r.model == k or fnmatch.fnmatchcase(r.model, k)), None)
-        row = Row(run=r, family=fam or r.family or family_of(r.model))
-        for c in columns:
-            t = r.tasks.get(c.task)
-            if t is not None and c.metric in t.metrics:
-                row.values[c.task] = t.metrics[c.metric]
-                row.stderrs[c.task] = t.stderrs.get(c.metric)
-            else:
-                row.values[c.task] = None
-                row.stderrs[c.task] = None
-        rows.append(row)
-    # --- means over columns every row has
-    def complete(task):
-        return all(row.values.get(task) is not None for row in rows)
-
-    acc_cols = [c for c in columns if c.acc_like]
-    mean_tasks = [c.task for c in acc_cols if complete(c.task)]
-    dropped = [c.task for c in acc_cols if not complete(c.task)]
-    if dropped:
-        notes.append("not in the means (missing in some rows): " + ", ".join(dropped))
-    category_tasks: dict[str, list[str]] = {}
-    for cat in CATEGORIES + ("other",):
-        ts = [c.task for c in acc_cols if cat in c.categories and c.task in mean_tasks]
-        if ts:
-            category_tasks[cat] = ts
-    if len(category_tasks) == 1 and list(category_tasks.values())[0] == mean_tasks:
-        category_tasks = {}   # a single category equal to the overall mean adds nothing
+    names = _column_names(runs, all_tasks, tasks, leaves)
+    columns = [_column(name, all_tasks[name], task_metric) for name in names]
+    rows = [_row(r, columns, families) for r in runs]
+    mean_tasks, category_tasks = _mean_tasks(rows, columns, notes)
     for row in rows:
         row.means["mean"] = _mean([row.values[t] for t in mean_tasks])
         for cat, ts in category_tasks.items():
@@ -432,6 +358,95 @@ def build_table(runs: list[Run], task_metric: dict[str, str] | None = None,
     ))
     return Table(rows=rows, columns=columns, mean_tasks=mean_tasks,
                  category_tasks=category_tasks, notes=notes)
+
+
+def _column_names(runs: list[Run], all_tasks: dict[str, list], tasks: list[str] | None, leaves: bool) -> list[str]:
+    """Which entries become columns: ``tasks`` when given, else groups (or with ``leaves`` the
+    leaf tasks), a subtask folded into its group's column only when every run that has it has the
+    group; ordered with the known categories first."""
+    folded: set[str] = set()
+    if not leaves:
+        for r in runs:
+            for t in r.tasks.values():
+                if t.is_group:
+                    folded.update(t.subtasks)
+        folded = {s for s in folded if all(
+            any(g.is_group and s in g.subtasks for g in r.tasks.values())
+            for r in runs if s in r.tasks)}
+    names = []
+    for name, ts in all_tasks.items():
+        is_group = any(t.is_group for t in ts)
+        if leaves and is_group:
+            continue
+        if not leaves and name in folded and not is_group:
+            continue
+        names.append(name)
+    if tasks:
+        missing = [t for t in tasks if t not in all_tasks]
+        if missing:
+            raise QuantArgError(
+                f"report: --tasks {','.join(missing)} not found; the results have: "
+                f"{', '.join(sorted(all_tasks))}")
+        names = [t for t in tasks]
+    return sorted(set(names), key=lambda n: (categories_of(n)[0] == "other", n))
+
+
+def _column(name: str, ts: list, task_metric: dict[str, str] | None) -> Column:
+    """A column's main metric (common to all runs: the one most runs have), its direction, and
+    whether it reads like an accuracy (higher is better, all values in [0, 1])."""
+    metric_sets = [set(t.metrics) for t in ts]
+    union = set().union(*metric_sets)
+    order = []
+    for t in ts:
+        order += [m for m in t.metrics if m not in order]
+    m = choose_metric(name, union, task_metric, order)
+    if task_metric and name in task_metric and task_metric[name] not in union:
+        raise QuantArgError(
+            f"report: --task-metric {name}={task_metric[name]}: {name} reports "
+            f"{', '.join(sorted(union))}")
+    hib = not _lower_better(ts[0], m)
+    vals = [t.metrics[m] for t in ts if m in t.metrics]
+    acc_like = hib and all(0.0 <= v <= 1.0 for v in vals) and bool(vals)
+    return Column(name, m, hib, acc_like, categories_of(name))
+
+
+def _row(r: Run, columns: list[Column], families: dict[str, str] | None) -> Row:
+    """One run's row: its family (``families`` patterns first) and each column's value and stderr."""
+    fam = None
+    if families:
+        fam = next((v for k, v in families.items()
+                    if r.model == k or fnmatch.fnmatchcase(r.model, k)), None)
+    row = Row(run=r, family=fam or r.family or family_of(r.model))
+    for c in columns:
+        t = r.tasks.get(c.task)
+        if t is not None and c.metric in t.metrics:
+            row.values[c.task] = t.metrics[c.metric]
+            row.stderrs[c.task] = t.stderrs.get(c.metric)
+        else:
+            row.values[c.task] = None
+            row.stderrs[c.task] = None
+    return row
+
+
+def _mean_tasks(rows: list[Row], columns: list[Column], notes: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """The accuracy-like columns every row has (the mean) and their split by category (empty when
+    a single category would equal the overall mean); a note names the columns left out."""
+    def complete(task):
+        return all(row.values.get(task) is not None for row in rows)
+
+    acc_cols = [c for c in columns if c.acc_like]
+    mean_tasks = [c.task for c in acc_cols if complete(c.task)]
+    dropped = [c.task for c in acc_cols if not complete(c.task)]
+    if dropped:
+        notes.append("not in the means (missing in some rows): " + ", ".join(dropped))
+    category_tasks: dict[str, list[str]] = {}
+    for cat in CATEGORIES + ("other",):
+        ts = [c.task for c in acc_cols if cat in c.categories and c.task in mean_tasks]
+        if ts:
+            category_tasks[cat] = ts
+    if len(category_tasks) == 1 and list(category_tasks.values())[0] == mean_tasks:
+        category_tasks = {}   # a single category equal to the overall mean adds nothing
+    return mean_tasks, category_tasks
 
 
 def limit_text(limit) -> str:

@@ -119,58 +119,16 @@ def run_cell(cell_dir: Path) -> int:
         times[name] = round(now - t[0], 2)
         t[0] = now
 
-    import lm_eval_quant
-    from lm_eval_quant import _quiet
-
-    lm_eval_quant.register()
-    _quiet.install()  # known-harmless library noise (see lm_eval_quant/_quiet.py)
-    _quiet.quiet_git()
-    from lm_eval import simple_evaluate
-    from lm_eval.loggers import EvaluationTracker
-
-    from lm_eval_quant.errors import QuantArgError
-
+    simple_evaluate, EvaluationTracker = _import_harness()
     lap("imports")
     tasks = list(cfg["tasks"])
-    # like the lm_eval CLI: tasks see the model_args (+ --metadata) as their metadata
-    # (e.g. the perplexity tasks read the tokenizer's name from it)
-    from lm_eval_quant.args import split_model_args
-
-    metadata = split_model_args(cfg["model_args"], where="sweep cell", typed=True) | dict(harness.get("metadata") or {})
-    key = _tm_key(tasks, harness)
-    tm = None
-    if key in _TM_CACHE:  # indexed by the cell server before it forked this process
-        tm, missing = with_metadata(_TM_CACHE[key][0], metadata), _TM_CACHE[key][1]
-    if tm is None:
-        tm, missing = make_task_manager(tasks, harness, metadata)
+    tm = _cell_task_manager(cfg, tasks, harness)
     lap("task_index")
-    if missing:
-        raise QuantArgError(
-            f"unknown task(s) {missing}; check the names or add their folder to include_path"
-        )
     tmp = cell_dir / f".tmp-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     tracker = EvaluationTracker(output_path=str(tmp))
-    seed = harness.get("seed")
-    seeds = {}
-    if seed is not None:
-        s = list(seed) if isinstance(seed, list) else [seed] * 4
-        seeds = dict(random_seed=s[0], numpy_random_seed=s[1], torch_random_seed=s[2], fewshot_random_seed=s[3])
-    kw = {k: harness[k] for k in ("limit", "batch_size", "max_batch_size", "num_fewshot", "apply_chat_template",
-                                  "fewshot_as_multiturn", "system_instruction", "device", "gen_kwargs",
-                                  "bootstrap_iters") if harness.get(k) is not None}
-    if not kw.get("device"):  # lm-eval's HF model would default to cuda even without a GPU
-        import torch
-
-        kw["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     log_samples = bool(harness.get("log_samples", True))
-    if harness.get("token_kl", True) and cfg.get("lm_eval_model", "hf-quant") == "hf-quant":
-        # fp top-k reference shared by the model's cells: OUT/kl_ref/<model>/<task>.topk.npz
-        # (written by the unquantized cell, which runs first); quantized cells write
-        # tokkl_<task>.npz into tmp, moved beside the results below (lm_eval_quant.tokkl)
-        model_name = str((cfg.get("labels") or {}).get("model") or "model")
-        os.environ["LMQ_KL_REF"] = str(cell_dir.parent.parent / "kl_ref" / model_name)
-        os.environ["LMQ_KL_OUT"] = str(tmp / "tokkl")
+    _set_token_kl_env(cfg, harness, cell_dir, tmp)
     results = simple_evaluate(
         model=cfg["lm_eval_model"],
         model_args=cfg["model_args"],
@@ -178,8 +136,8 @@ def run_cell(cell_dir: Path) -> int:
         task_manager=tm,
         evaluation_tracker=tracker,
         log_samples=log_samples,
-        **kw,
-        **seeds,
+        **_evaluate_kwargs(harness),
+        **_seed_kwargs(harness.get("seed")),
     )
     lap("evaluate")
     if results is None:  # non-zero rank in a distributed run: nothing to save here
@@ -192,6 +150,91 @@ def run_cell(cell_dir: Path) -> int:
         for task_name in results.get("configs", {}):
             if task_name in samples:
                 tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    final = _commit_results(cell_dir, tmp)
+    done = {
+        "key": cfg["key"],
+        "cell": cfg["name"],
+        "results": final.name,
+        "seconds": round(time.time() - t0, 3),
+        "finished_at": time.time(),
+        "pid": os.getpid(),
+    }
+    atomic_write_text(cell_dir / DONE, json.dumps(done, indent=2))
+    _rm_tree(tmp)
+    lap("save")
+    print(f"[lm-eval-quant sweep cell] {cfg['name']} finished; seconds: {times}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _import_harness():
+    """Register our model and tasks, quiet known library noise; lm-eval's evaluate and tracker."""
+    import lm_eval_quant
+    from lm_eval_quant import _quiet
+
+    lm_eval_quant.register()
+    _quiet.install()  # known-harmless library noise (see lm_eval_quant/_quiet.py)
+    _quiet.quiet_git()
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+
+    return simple_evaluate, EvaluationTracker
+
+
+def _cell_task_manager(cfg: dict, tasks: list, harness: dict):
+    """The cell's TaskManager (the server's pre-built index when there is one); unknown tasks: one error."""
+    from lm_eval_quant.args import split_model_args
+    from lm_eval_quant.errors import QuantArgError
+
+    # like the lm_eval CLI: tasks see the model_args (+ --metadata) as their metadata
+    # (e.g. the perplexity tasks read the tokenizer's name from it)
+    metadata = split_model_args(cfg["model_args"], where="sweep cell", typed=True) | dict(harness.get("metadata") or {})
+    key = _tm_key(tasks, harness)
+    tm = None
+    if key in _TM_CACHE:  # indexed by the cell server before it forked this process
+        tm, missing = with_metadata(_TM_CACHE[key][0], metadata), _TM_CACHE[key][1]
+    if tm is None:
+        tm, missing = make_task_manager(tasks, harness, metadata)
+    if missing:
+        raise QuantArgError(
+            f"unknown task(s) {missing}; check the names or add their folder to include_path"
+        )
+    return tm
+
+
+def _seed_kwargs(seed) -> dict:
+    """harness.seed (one number or four) as simple_evaluate's four seed arguments."""
+    if seed is None:
+        return {}
+    s = list(seed) if isinstance(seed, list) else [seed] * 4
+    return dict(random_seed=s[0], numpy_random_seed=s[1], torch_random_seed=s[2], fewshot_random_seed=s[3])
+
+
+def _evaluate_kwargs(harness: dict) -> dict:
+    """The harness settings simple_evaluate takes as they are, with a device always set."""
+    kw = {k: harness[k] for k in ("limit", "batch_size", "max_batch_size", "num_fewshot", "apply_chat_template",
+                                  "fewshot_as_multiturn", "system_instruction", "device", "gen_kwargs",
+                                  "bootstrap_iters") if harness.get(k) is not None}
+    if not kw.get("device"):  # lm-eval's HF model would default to cuda even without a GPU
+        import torch
+
+        kw["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return kw
+
+
+def _set_token_kl_env(cfg: dict, harness: dict, cell_dir: Path, tmp: Path) -> None:
+    """Token-KL reference and output folders for hf-quant cells (read by the model wrapper)."""
+    if harness.get("token_kl", True) and cfg.get("lm_eval_model", "hf-quant") == "hf-quant":
+        # fp top-k reference shared by the model's cells: OUT/kl_ref/<model>/<task>.topk.npz
+        # (written by the unquantized cell, which runs first); quantized cells write
+        # tokkl_<task>.npz into tmp, moved beside the results below (lm_eval_quant.tokkl)
+        model_name = str((cfg.get("labels") or {}).get("model") or "model")
+        os.environ["LMQ_KL_REF"] = str(cell_dir.parent.parent / "kl_ref" / model_name)
+        os.environ["LMQ_KL_OUT"] = str(tmp / "tokkl")
+
+
+def _commit_results(cell_dir: Path, tmp: Path) -> Path:
+    """Move what the tracker wrote in ``tmp`` into the cell folder, fsynced, results file last (the
+    commit point); token-KL files get the results' time stamp. Returns the final results path."""
     written = sorted(tmp.rglob("*.json*"))
     res_files = [p for p in written if p.name.startswith("results_")]
     if len(res_files) != 1:
@@ -212,19 +255,7 @@ def run_cell(cell_dir: Path) -> int:
     final = cell_dir / res_files[0].name
     os.replace(res_files[0], final)
     fsync_dir(cell_dir)
-    done = {
-        "key": cfg["key"],
-        "cell": cfg["name"],
-        "results": final.name,
-        "seconds": round(time.time() - t0, 3),
-        "finished_at": time.time(),
-        "pid": os.getpid(),
-    }
-    atomic_write_text(cell_dir / DONE, json.dumps(done, indent=2))
-    _rm_tree(tmp)
-    lap("save")
-    print(f"[lm-eval-quant sweep cell] {cfg['name']} finished; seconds: {times}", file=sys.stderr, flush=True)
-    return 0
+    return final
 
 
 def check_results_file(p: Path) -> None:

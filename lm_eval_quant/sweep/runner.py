@@ -382,26 +382,10 @@ def _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_fai
     status_path = out_dir / STATUS_NAME
     job = Launch(spec=spec, out_dir=out_dir, run_id=run_id, status_path=status_path, log=log, all_cells=cells)
     results, res_of, save_status = job.results, job.result, job.save_status
-    prev_status = {c.name: c for c in load_status(out_dir)}
     server = None
 
     try:
-        todo: list[Cell] = []
-        for cell in cells:
-            cdir = out_dir / CELLS_DIR / cell.name
-            if cell.skip_reason:
-                results[cell.name] = res_of(cell, "skipped", error_line=cell.skip_reason)
-                continue
-            fin = finished_results(cdir, cell.key)
-            if fin is not None:
-                results[cell.name] = res_of(cell, "skipped_done", results_path=str(fin),
-                                            seconds=_done_seconds(cdir))
-                continue
-            prev = prev_status.get(cell.name)
-            if (not retry_failed and prev is not None and prev.status == "failed" and prev.key == cell.key):
-                results[cell.name] = prev
-                continue
-            todo.append(cell)
+        todo = _cells_to_run(job, retry_failed)
         if dry_run:
             for c in todo:
                 results[c.name] = res_of(c, "planned")
@@ -420,25 +404,8 @@ def _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_fai
         if check and todo and server is None:
             _check_tasks(spec)
         atomic_write_text(out_dir / SPEC_NAME, json.dumps(spec.to_dict(), indent=2, default=str))
-        log.event("sweep_start", name=spec.name, launcher=launcher, pid=os.getpid(), cells=len(cells),
-                  to_run=len(todo), already_done=sum(r.status == "skipped_done" for r in results.values()),
-                  skipped=sum(r.status == "skipped" for r in results.values()))
-        for cell in cells:
-            r = results.get(cell.name)
-            if r is not None and r.status == "skipped_done":
-                log.event("cell_skipped_done", cell=cell.name, key=cell.key, results=r.results_path)
-            elif r is not None and r.status == "skipped":
-                log.event("cell_skipped", cell=cell.name, key=cell.key, reason=r.error_line)
-        # prepare folders (recover half-committed cells)
-        runnable: list[Cell] = []
-        for cell in todo:
-            cdir = out_dir / CELLS_DIR / cell.name
-            rec = _prepare_cell_dir(out_dir, cdir, cell, log)
-            if rec is not None:
-                results[cell.name] = res_of(cell, "skipped_done", results_path=str(rec))
-                continue
-            _write_cell_json(cdir, cell)
-            runnable.append(cell)
+        _log_sweep_start(job, launcher, todo)
+        runnable = _prepare_cells(job, todo)
         save_status()
         bar = tqdm(total=len(cells), desc=f"sweep {spec.name}", unit="cell", disable=not progress,
                    initial=len(cells) - len(runnable), dynamic_ncols=True)
@@ -467,6 +434,59 @@ def _run_locked(spec, cells, out_dir, launcher, ray_address, progress, retry_fai
         if server is not None:
             server.close()
         log.close()
+
+
+def _cells_to_run(job: Launch, retry_failed: bool) -> list[Cell]:
+    """The cells still to run; the others get their result now: skipped (with the reason), finished
+    before (skipped_done), or failed before with the same key (kept unless ``retry_failed``)."""
+    results, res_of = job.results, job.result
+    prev_status = {c.name: c for c in load_status(job.out_dir)}
+    todo: list[Cell] = []
+    for cell in job.all_cells:
+        cdir = job.out_dir / CELLS_DIR / cell.name
+        if cell.skip_reason:
+            results[cell.name] = res_of(cell, "skipped", error_line=cell.skip_reason)
+            continue
+        fin = finished_results(cdir, cell.key)
+        if fin is not None:
+            results[cell.name] = res_of(cell, "skipped_done", results_path=str(fin),
+                                        seconds=_done_seconds(cdir))
+            continue
+        prev = prev_status.get(cell.name)
+        if (not retry_failed and prev is not None and prev.status == "failed" and prev.key == cell.key):
+            results[cell.name] = prev
+            continue
+        todo.append(cell)
+    return todo
+
+
+def _log_sweep_start(job: Launch, launcher: str, todo: list[Cell]) -> None:
+    """The run log's sweep_start event, then one event per cell skipped or already done."""
+    results, log = job.results, job.log
+    log.event("sweep_start", name=job.spec.name, launcher=launcher, pid=os.getpid(), cells=len(job.all_cells),
+              to_run=len(todo), already_done=sum(r.status == "skipped_done" for r in results.values()),
+              skipped=sum(r.status == "skipped" for r in results.values()))
+    for cell in job.all_cells:
+        r = results.get(cell.name)
+        if r is not None and r.status == "skipped_done":
+            log.event("cell_skipped_done", cell=cell.name, key=cell.key, results=r.results_path)
+        elif r is not None and r.status == "skipped":
+            log.event("cell_skipped", cell=cell.name, key=cell.key, reason=r.error_line)
+
+
+def _prepare_cells(job: Launch, todo: list[Cell]) -> list[Cell]:
+    """Prepare each cell's folder (recovering half-committed cells, which count as done) and write
+    its cell.json; the cells left to launch."""
+    runnable: list[Cell] = []
+    for cell in todo:
+        cdir = job.out_dir / CELLS_DIR / cell.name
+        rec = _prepare_cell_dir(job.out_dir, cdir, cell, job.log)
+        if rec is not None:
+            job.results[cell.name] = job.result(cell, "skipped_done", results_path=str(rec))
+            continue
+        _write_cell_json(cdir, cell)
+        runnable.append(cell)
+    return runnable
 
 
 def _done_seconds(cdir: Path) -> float:
