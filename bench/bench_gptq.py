@@ -72,6 +72,18 @@ def _ppl(model, tok):
     return perplexity(model, ids, 128, batch_size=16)
 
 
+def gptqmodel_load(model_dir, qc, calib, dtype):
+    """GPTQModel's model for ``qc`` on CPU, its weights' bytes, and ``calib`` ([n, seqlen] ids) as its rows."""
+    import torch
+    from gptqmodel import GPTQModel
+
+    model = GPTQModel.load(str(model_dir), qc, device="cpu", dtype=dtype)
+    mbytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    data = [{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones(1, calib.shape[1], dtype=torch.long)}
+            for r in calib]
+    return model, mbytes, data
+
+
 def gptqmodel_quantize(model_dir, calib, bits: int, group_size: int, act_order: bool = False, *, batch_size: int,
                        damp: float = 0.01, act_group_aware: bool = False, defaults: bool = False):
     """Quantize with GPTQModel 7.6.0 on the given calibration windows ([n, seqlen] token ids) and return
@@ -86,7 +98,7 @@ def gptqmodel_quantize(model_dir, calib, bits: int, group_size: int, act_order: 
     from transformers import AutoModelForCausalLM
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import QuantizeConfig
 
     kw = dict(bits=bits, group_size=group_size, desc_act=act_order, sym=False, true_sequential=True,
               offload_to_disk=False, static_groups=False)
@@ -94,11 +106,7 @@ def gptqmodel_quantize(model_dir, calib, bits: int, group_size: int, act_order: 
         kw.update(act_group_aware=act_group_aware, damp_percent=damp, damp_auto_increment=0.01)
     elif act_order:
         kw.update(act_group_aware=False)  # GPTQModel refuses desc_act together with its GAR default
-    qc = QuantizeConfig(**kw)
-    model = GPTQModel.load(str(model_dir), qc, device="cpu", dtype=torch.float32)
-    mbytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
-    data = [{"input_ids": r.unsqueeze(0), "attention_mask": torch.ones(1, calib.shape[1], dtype=torch.long)}
-            for r in calib]
+    model, mbytes, data = gptqmodel_load(model_dir, QuantizeConfig(**kw), calib, torch.float32)
     gc.collect()
     with PeakRSS() as mem:
         t0 = time.perf_counter()

@@ -23,6 +23,12 @@ Methods (``--methods``):
   gptq-d05           ours with damp=0.05 (GPTQModel's default dampening)
   gptqmodel          GPTQModel with OUR settings matched: damp 0.01, desc_act off, act_group_aware off
   gptqmodel-defaults GPTQModel with its own defaults (damp 0.05, act_group_aware on)
+  gptqmodel-awq      GPTQModel's AWQ (:func:`gptqmodel_awq_quantize`) with its own defaults (duo scaling
+                     s = mean|x|^α / mean|w|^(1-α), grid 20, clip search on), run in bfloat16: in float32
+                     on CPU its folds come out inconsistent (a 2-layer SmolLM2 cut: logits off by 36 % at
+                     W4, vs 2.9 % in bfloat16).  Its packed GEMM layout is CUDA-only and 4-bit only, so the
+                     bench skips packing and evaluates the model it leaves behind (the fake-quantized
+                     linears and the folded norms), upcast to float32
   awq                ours, house defaults (loss=module, grid 20, clip search)
   awq-linear         ours with loss=linear (closed form on the scaled linears' own outputs)
   awq-oracle         a direct transcription of the AWQ paper's search written in this file
@@ -51,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-METHODS = ["fp", "rtn", "gptq", "gptq-ao", "gptq-cap100", "gptq-ao-cap100", "gptq-d05", "gptqmodel", "gptqmodel-defaults", "awq", "awq-linear", "awq-oracle"]
+METHODS = ["fp", "rtn", "gptq", "gptq-ao", "gptq-cap100", "gptq-ao-cap100", "gptq-d05", "gptqmodel", "gptqmodel-defaults", "gptqmodel-awq", "awq", "awq-linear", "awq-oracle"]
 
 
 def models_root() -> Path:
@@ -231,6 +237,43 @@ def awq_oracle(model, calib, fmt, group_size: int, n_grid: int = 20, max_shrink:
     return names
 
 
+def gptqmodel_awq_quantize(model_dir, calib, bits: int, group_size: int, *, batch_size: int, dtype: str = "float32"):
+    """GPTQModel 7.6.0's AWQ on the given windows; returns (an fp32 HF model, seconds, PeakRSS, model bytes).
+
+    Its AWQ writes each fake-quantized weight into the linear (``weight.data = wq``) and folds the scales
+    into the norms and producers before it packs; packing (into the CUDA-only GEMM layout, 4 bits only)
+    is replaced by a no-op that only drops the per-module state, so the quantized model is read as is."""
+    import gc
+
+    import torch
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.looper import awq_processor
+    from gptqmodel.quantization.config import METHOD
+    from gptqmodel.utils.backend import BACKEND
+    from bench_gptq import PeakRSS, gptqmodel_load
+
+    def no_pack(self, module):
+        module.stream_sync()
+        for k in ("w", "w_wq_diff", "wq", "q_zeros", "q_scales"):
+            module.state.pop(k, None)
+
+    awq_processor.AWQProcessor.pack_module = no_pack
+    qc = QuantizeConfig(method=METHOD.AWQ, bits=bits, group_size=group_size, sym=False, offload_to_disk=False)
+    model, mbytes, data = gptqmodel_load(model_dir, qc, calib, getattr(torch, dtype))
+    gc.collect()
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        # AWQ_TORCH: the portable kernel (the default choice, AWQ_GEMM, refuses a machine without CUDA)
+        model.quantize(data, batch_size=batch_size, calibration_sort=None, backend=BACKEND.AWQ_TORCH)
+        seconds = time.perf_counter() - t0
+    hf = model.model.float().eval()
+    bad = [n for n, m in hf.named_modules() if m.__class__.__name__ != "Linear" and hasattr(m, "qweight")]
+    assert not bad, f"packed modules left: {bad[:3]}"
+    return hf, seconds, mem, mbytes
+
+
 # ------------------------------------------------------------------------------ one job
 def worker(job: dict) -> dict:
     import gc
@@ -249,7 +292,9 @@ def worker(job: dict) -> dict:
     meth, bits, gs = job["method"], job["bits"], job["group"]
     out: dict = {}
     bs = max(1, 4096 // calib.shape[1])
-    if meth.startswith("gptqmodel"):
+    if meth == "gptqmodel-awq":
+        model, secs, mem, mbytes = gptqmodel_awq_quantize(mdir, calib, bits, gs, batch_size=bs, dtype="bfloat16")
+    elif meth.startswith("gptqmodel"):
         model, secs, mem, mbytes, _ = gptqmodel_quantize(mdir, calib, bits, gs, False, batch_size=bs,
                                                          defaults=meth == "gptqmodel-defaults")
     else:
@@ -281,9 +326,9 @@ def worker(job: dict) -> dict:
                     opts["damp"] = 0.05
                 if name in ("gptq", "awq"):
                     opts.update(calib="c4", nsamples=job["nsamples"], seqlen=job["seqlen"])
-                    for mod in (gptq_mod, awq_mod):  # the very same windows as every other job
-                        if hasattr(mod, "get_calibration"):
-                            mod.get_calibration = lambda *a, **k: (calib, {"source": "bench"})
+                    # the very same windows as every other job, loaded before the timed and measured call
+                    gptq_mod.get_calibration = lambda *a, **k: (calib, {"source": "bench"})
+                    awq_mod._get_calibration = lambda *a, **k: (calib, {"source": "bench"})
                 cfg = build_config(method=name, bits=bits, group_size=gs, sym=False, **opts)
                 get_method(name).quantize(model, cfg, QuantContext(tokenizer=tok, progress=True))
             secs = time.perf_counter() - t0

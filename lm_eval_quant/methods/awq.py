@@ -96,8 +96,10 @@ __all__ = [
     "awq_quantize_model",
 ]
 
-# elements per temporary [chunk, out, in] tensor in the searches (~128 MB in fp32)
-_BUDGET = 1 << 25
+# elements per temporary [chunk, out, in] tensor in the searches (~16 MB in fp32).  A format's fake()
+# makes several such temporaries at once: at 1 << 25 the clip search alone held ~500 MB on SmolLM2's
+# MLP (peak RSS 1.36x the fp32 weights above the model); 1 << 22 is as fast and keeps it small
+_BUDGET = 1 << 22
 _NORM_HINTS = ("norm", "ln")
 # linears whose outputs meet in the q·kᵀ product are not clipped (as llm-awq / AutoAWQ: "due to qk bmm,
 # it is hard to clip precisely"); c_attn / qkv_proj / query_key_value are fused q/k/v projections

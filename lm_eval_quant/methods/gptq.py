@@ -117,6 +117,14 @@ class GPTQSolver:
         self.nsamples = total
         self.H.addmm_(x.t(), x, alpha=2.0 / total)
 
+    def copy_hessian_from(self, other: "GPTQSolver") -> None:
+        """Take a copy of ``other``'s accumulated H (a linear fed the very same inputs)."""
+        if other.H is None or other.H.shape != self.H.shape:
+            raise RuntimeError("gptq: a shared Hessian must come from a linear of the same input width, "
+                               "before it is solved")
+        self.H = other.H.clone()
+        self.nsamples, self.capped = other.nsamples, other.capped
+
     # ----------------------------------------------------------------------------------------
     @staticmethod
     def _upper_chol_of_inverse(H: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float, int]:
@@ -194,10 +202,13 @@ class GPTQSolver:
         qp = None
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
-            W1 = W[:, i1:i2].clone()
-            Q1 = torch.empty_like(W1)
-            Err1 = torch.empty_like(W1)
+            # the block's columns as contiguous rows: each column's rank-1 update of the columns after it
+            # is then one contiguous [bs - i - 1, rows] update (same arithmetic; ~2x faster than strided)
+            W1t = W[:, i1:i2].t().contiguous()
+            Q1 = torch.empty(rows, i2 - i1, dtype=W.dtype, device=W.device)
+            Err1 = torch.empty_like(Q1)
             U1 = U[i1:i2, i1:i2]
+            U1t = U1.t()
             diag1 = torch.diagonal(U1).tolist()
             for i in range(i2 - i1):
                 col = i1 + i
@@ -205,12 +216,12 @@ class GPTQSolver:
                     qp = static_qp[(perm_l[col] if perm_l is not None else col) // gs]
                 elif col % gs == 0:
                     # current (error-updated) weights of the group
-                    qp = fmt.fit(W[:, col:col + gs] if i == 0 else W1[:, i:i + gs])
+                    qp = fmt.fit(W[:, col:col + gs] if i == 0 else W1t[i:i + gs].t())
                     g = col // gs
                     scales[:, g] = qp.scale[:, 0]
                     if zeros is not None:
                         zeros[:, g] = qp.zero[:, 0]
-                w = W1[:, i:i + 1]
+                w = W1t[i:i + 1].t()
                 q = fmt.fake(w, qp)
                 if codes is not None:
                     codes[:, col:col + 1] = fmt.quantize(w, qp)
@@ -218,7 +229,7 @@ class GPTQSolver:
                 err = (w - q).div_(diag1[i])
                 Err1[:, i:i + 1] = err
                 if i + 1 < i2 - i1:
-                    W1[:, i + 1:].addmm_(err, U1[i:i + 1, i + 1:], alpha=-1.0)
+                    W1t[i + 1:].addmm_(U1t[i + 1:, i:i + 1], err.t(), alpha=-1.0)
             W[:, i1:i2] = Q1  # the finished block's columns are never read again: W becomes Q in place
             loss += Err1.double().pow(2).sum() / 2
             if i2 < cols:
@@ -263,6 +274,10 @@ class _BatchGather:
     buffer) and ``flush`` (the forward's ``on_batch_end``) hands every buffer to its solvers: each
     solver sees exactly the tensor it would have seen from one forward of the whole batch, so H is
     bit-identical to the unchunked run.  A batch run in one chunk goes to the solvers directly.
+
+    Linears fed the very same tensor (q/k/v, gate/up) share one Hessian: only the first of them (the
+    leader) accumulates it and the others copy it when the pass is over (:meth:`share`); the same
+    bits as accumulating it once per linear, at a third of the cost for q/k/v.
     """
 
     def __init__(self, step: LayerStep, solvers: dict[str, GPTQSolver]):
@@ -272,6 +287,27 @@ class _BatchGather:
         self.users: dict[str, list[str]] = {}     # buffer key -> solver names
         self.seen: list[tuple[torch.Tensor, str]] = []  # inputs of the running chunk -> buffer key
         self.chunk: tuple = ()
+        self.leader: dict[str, str] = {}          # solver name -> the solver whose H it shares
+        self.fed: set[str] = set()                # solvers that accumulated at least one batch
+        self.direct: tuple = ((), [])             # (chunk, [(input, solver name)]) of a whole-batch forward
+
+    def _add(self, name: str, x: torch.Tensor, lead: str | None) -> None:
+        """Feed ``x`` to solver ``name``, or note that it shares ``lead``'s (identical) input."""
+        if lead is None or lead == name:
+            if name in self.leader:
+                raise RuntimeError(f"gptq: {name} shared its input with {self.leader[name]} in one batch "
+                                   "and not in another")
+            self.solvers[name].add_batch(x)
+            self.fed.add(name)
+            return
+        if self.leader.setdefault(name, lead) != lead or name in self.fed:
+            raise RuntimeError(f"gptq: {name} does not share one input with the same linear in every batch")
+
+    def share(self) -> None:
+        """After the pass: every follower gets a copy of its leader's Hessian (before any solve, which
+        consumes the leader's)."""
+        for name, lead in self.leader.items():
+            self.solvers[name].copy_hessian_from(self.solvers[lead])
 
     def hook(self, name: str):
         def pre_hook(mod, args):
@@ -279,7 +315,12 @@ class _BatchGather:
             b, s, e, n = self.step.chunk
             if (s == 0 and e == n) or b < 0 or x.dim() == 0 or x.shape[0] != e - s:
                 # whole batch in one forward (or rows not batch-major): straight to the solver
-                self.solvers[name].add_batch(x)
+                if self.direct[0] != self.step.chunk:
+                    self.direct = (self.step.chunk, [])
+                lead = next((k for t, k in self.direct[1] if t is x), None)
+                if lead is None:
+                    self.direct[1].append((x, name))
+                self._add(name, x, lead)
                 return
             if self.step.chunk != self.chunk:
                 self.chunk, self.seen = self.step.chunk, []
@@ -297,10 +338,11 @@ class _BatchGather:
         return pre_hook
 
     def flush(self, b: int) -> None:
-        self.seen, self.chunk = [], ()
+        self.seen, self.chunk, self.direct = [], (), ((), [])
         for key, buf in self.bufs.items():
-            for name in self.users.get(key, ()):
-                self.solvers[name].add_batch(buf)
+            users = self.users.get(key, ())
+            for name in users:
+                self._add(name, buf, users[0])
         self.bufs.clear()
         self.users.clear()
 
@@ -426,6 +468,7 @@ class _GPTQLayers:
         handles = [m.register_forward_pre_hook(gather.hook(n)) for n, m in group]
         try:
             step.forward(stop_after=[m for _, m in group], on_batch_end=gather.flush)
+            gather.share()
         finally:
             for h in handles:
                 h.remove()
