@@ -203,7 +203,7 @@ class GPTQSolver:
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             # the block's columns as contiguous rows: each column's rank-1 update of the columns after it
-            # is then one contiguous [bs - i - 1, rows] update (same arithmetic; ~2x faster than strided)
+            # is then one contiguous [bs - i - 1, rows] update (same bits; the solver 5-30% faster on SmolLM2's shapes)
             W1t = W[:, i1:i2].t().contiguous()
             Q1 = torch.empty(rows, i2 - i1, dtype=W.dtype, device=W.device)
             Err1 = torch.empty_like(Q1)
@@ -285,11 +285,10 @@ class _BatchGather:
         self.solvers = solvers
         self.bufs: dict[str, torch.Tensor] = {}   # buffer key -> [rows of batch, ...] input
         self.users: dict[str, list[str]] = {}     # buffer key -> solver names
-        self.seen: list[tuple[torch.Tensor, str]] = []  # inputs of the running chunk -> buffer key
+        self.seen: list[tuple[torch.Tensor, str]] = []  # inputs of the running chunk -> first linear fed it
         self.chunk: tuple = ()
         self.leader: dict[str, str] = {}          # solver name -> the solver whose H it shares
         self.fed: set[str] = set()                # solvers that accumulated at least one batch
-        self.direct: tuple = ((), [])             # (chunk, [(input, solver name)]) of a whole-batch forward
 
     def _add(self, name: str, x: torch.Tensor, lead: str | None) -> None:
         """Feed ``x`` to solver ``name``, or note that it shares ``lead``'s (identical) input."""
@@ -313,21 +312,17 @@ class _BatchGather:
         def pre_hook(mod, args):
             x = args[0]
             b, s, e, n = self.step.chunk
-            if (s == 0 and e == n) or b < 0 or x.dim() == 0 or x.shape[0] != e - s:
-                # whole batch in one forward (or rows not batch-major): straight to the solver
-                if self.direct[0] != self.step.chunk:
-                    self.direct = (self.step.chunk, [])
-                lead = next((k for t, k in self.direct[1] if t is x), None)
-                if lead is None:
-                    self.direct[1].append((x, name))
-                self._add(name, x, lead)
-                return
             if self.step.chunk != self.chunk:
                 self.chunk, self.seen = self.step.chunk, []
-            key = next((k for t, k in self.seen if t is x), None)
+            key = next((k for t, k in self.seen if t is x), None)  # the first linear fed this very tensor
+            if key is None:
+                self.seen.append((x, name))
+            if (s == 0 and e == n) or b < 0 or x.dim() == 0 or x.shape[0] != e - s:
+                # whole batch in one forward (or rows not batch-major): straight to the solver
+                self._add(name, x, key)
+                return
             if key is None:
                 key = name
-                self.seen.append((x, key))
                 buf = self.bufs.get(key)
                 if buf is None:
                     buf = self.bufs[key] = torch.empty((n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -338,7 +333,7 @@ class _BatchGather:
         return pre_hook
 
     def flush(self, b: int) -> None:
-        self.seen, self.chunk, self.direct = [], (), ((), [])
+        self.seen, self.chunk = [], ()
         for key, buf in self.bufs.items():
             users = self.users.get(key, ())
             for name in users:
